@@ -1,0 +1,52 @@
+"""What the pipeline tolerates and how it schedules itself."""
+
+from __future__ import annotations
+
+from datetime import date
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from prefect.blocks.core import Block
+from pydantic import Field, field_validator
+
+
+class PipelineSettings(Block):
+    """Thresholds, timezone and Salesforce object mapping for the weekly reverse ETL."""
+
+    _block_type_name = "Pipeline Settings"
+    _block_type_slug = "weekly-etl-settings"
+    _description = "Quality thresholds, timezone, first week and Salesforce object names of the weekly flow."
+
+    pipeline_name: str = Field(default="weekly-customer-metrics", description="Name used in tracking tables.")
+    reject_threshold_pct: float = Field(
+        default=5.0, ge=0, le=100, description="Quality gate: max rejected/fetched percentage."
+    )
+    sf_error_threshold_pct: float = Field(
+        default=10.0, ge=0, le=100, description="Salesforce sync: max failed/sent percentage."
+    )
+    timezone: str = Field(default="UTC", description="IANA timezone the batch weeks are cut in.")
+    first_week: date | None = Field(
+        default=None, description="Week start used when no checkpoint exists (default: last complete week)."
+    )
+    stale_checkpoint_days: int = Field(default=14, ge=1, description="Warn when the checkpoint is older than this.")
+    max_weeks_per_run: int = Field(default=12, ge=1, le=520, description="Catch-up cap: weeks processed per run.")
+    checkpoint_variable: str = Field(
+        default="weekly-checkpoint", description="Prefect Variable mirroring the next batch week."
+    )
+    salesforce_object: str = Field(default="Customer_Weekly_Metric__c", description="Target sObject API name.")
+    external_id_field: str = Field(default="External_Id__c", description="External id field used for upserts.")
+
+    @field_validator("timezone")
+    @classmethod
+    def _known_zone(cls, value: str) -> str:
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError) as exc:
+            raise ValueError(f"unknown IANA timezone {value!r}") from exc
+        return value
+
+    @field_validator("first_week")
+    @classmethod
+    def _monday(cls, value: date | None) -> date | None:
+        if value is not None and value.weekday() != 0:
+            raise ValueError(f"{value.isoformat()} is a {value.strftime('%A')}, not a Monday")
+        return value

@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# Run the weekly reverse ETL on embedded defaults: ephemeral Prefect, local lake, bundled demo API,
+# Salesforce dry run. Extra arguments go to the flow (see: scripts/demo.sh --help).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/bootstrap.sh runtime
+export PREFECT_SERVER_ANALYTICS_ENABLED="${PREFECT_SERVER_ANALYTICS_ENABLED:-false}"
+exec .venv/bin/python -m flows.weekly "$@"

@@ -1,0 +1,178 @@
+"""One place for the library's exceptions.
+
+Each type says what the caller should do with it:
+
+* ``RetryableError`` and its subclasses: a transient fault outside our control; try again later
+  (Prefect task retries and tenacity key off this type).
+* ``FatalError`` and its subclasses: retrying will not help; fix configuration, input or data.
+* ``RecordRejected``: one row is bad; route it to rejects and carry on.
+
+Messages never carry secrets: URLs pass through :func:`redact_url` before they are formatted.
+"""
+
+from __future__ import annotations
+
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+SENSITIVE_QUERY_KEYS = frozenset(
+    {
+        "access_token",
+        "api_key",
+        "apikey",
+        "auth",
+        "client_secret",
+        "code",
+        "key",
+        "password",
+        "secret",
+        "sig",
+        "signature",
+        "token",
+        "sessionid",
+        "session_id",
+    }
+)
+REDACTED = "***"
+
+
+def redact_url(url: object) -> str:
+    """Return ``url`` without user info and with sensitive query values masked.
+
+    Accepts anything with a ``str()`` (``httpx.URL``, ``yarl.URL``); never raises.
+    """
+    text = str(url)
+    try:
+        parts = urlsplit(text)
+    except ValueError:
+        return "<unparseable url>"
+    netloc = parts.netloc
+    if "@" in netloc:
+        netloc = f"{REDACTED}@{netloc.rsplit('@', 1)[1]}"
+    query = parts.query
+    if query:
+        pairs = parse_qsl(query, keep_blank_values=True)
+        query = urlencode([(k, REDACTED if k.lower() in SENSITIVE_QUERY_KEYS else v) for k, v in pairs], safe="*")
+    return urlunsplit((parts.scheme, netloc, parts.path, query, ""))
+
+
+class PipelineError(Exception):
+    """Base of every error this library raises on purpose."""
+
+
+# --- transient: retry -------------------------------------------------------------------------
+
+
+class RetryableError(PipelineError):
+    """A transient fault; the same call may succeed later."""
+
+    def __init__(self, message: str, *, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class SourceUnavailableError(RetryableError):
+    """The source API answered 5xx, timed out or the connection failed."""
+
+
+class RateLimitedError(RetryableError):
+    """The source API answered 429; ``retry_after`` holds the server's hint in seconds, if any."""
+
+
+class LakeUnavailableError(RetryableError):
+    """The lake (local disk or blob store) could not be reached."""
+
+
+class DatabaseUnavailableError(RetryableError):
+    """The tracking or target database could not be reached or dropped the connection."""
+
+
+class SalesforceUnavailableError(RetryableError):
+    """Salesforce answered 5xx or could not be reached."""
+
+
+# --- permanent: fail ---------------------------------------------------------------------------
+
+
+class FatalError(PipelineError):
+    """Retrying will not help."""
+
+
+class ConfigurationError(FatalError):
+    """A block, parameter or setting is invalid. ``field`` names it."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+
+
+class SourceResponseError(FatalError):
+    """The source answered with a permanent error (4xx other than 429) or a malformed page."""
+
+    def __init__(self, message: str, *, status_code: int | None = None, url: str | None = None) -> None:
+        if url is not None:
+            message = f"{message} (url={redact_url(url)})"
+        super().__init__(message)
+        self.status_code = status_code
+
+
+class MissingRecordsKeyError(SourceResponseError):
+    """A page did not contain the configured records key."""
+
+
+class PaginationLoopError(SourceResponseError):
+    """The source handed out a page token it had already handed out."""
+
+
+class IntegrityError(FatalError):
+    """A written file does not match its manifest (row count or SHA-256)."""
+
+
+class DataQualityError(FatalError):
+    """The reject rate is over the configured threshold."""
+
+    def __init__(self, rate_pct: float, threshold_pct: float, *, rejected: int, fetched: int) -> None:
+        super().__init__(
+            f"reject rate {rate_pct:.2f}% is over the threshold {threshold_pct:.2f}% "
+            f"({rejected} of {fetched} records rejected)"
+        )
+        self.rate_pct = rate_pct
+        self.threshold_pct = threshold_pct
+        self.rejected = rejected
+        self.fetched = fetched
+
+
+class SalesforceSyncError(FatalError):
+    """Salesforce rejected too many rows, or a Bulk job ended Failed/Aborted."""
+
+
+class SalesforceAuthError(FatalError):
+    """Salesforce refused the credentials."""
+
+
+class DuplicateRunError(FatalError):
+    """This pipeline already committed a successful run for the same week."""
+
+
+# --- one row -----------------------------------------------------------------------------------
+
+
+class RecordRejected(PipelineError):
+    """One record is invalid; ``field`` and ``reason`` go to the rejects table."""
+
+    def __init__(self, field: str, reason: str) -> None:
+        super().__init__(f"{field}: {reason}")
+        self.field = field
+        self.reason = reason
+
+
+def is_retryable(exc: BaseException | None) -> bool:
+    """True when ``exc`` (or what it was raised from) says the caller should try again."""
+    seen = 0
+    while exc is not None and seen < 10:
+        if isinstance(exc, RetryableError):
+            return True
+        if isinstance(exc, FatalError):
+            return False
+        exc = exc.__cause__ or exc.__context__
+        seen += 1
+    return False

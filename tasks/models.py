@@ -1,0 +1,60 @@
+"""Small hand-off objects passed between stages: lake URLs plus counts and hashes, never frames."""
+
+from __future__ import annotations
+
+from datetime import date, timedelta
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class FileRef(BaseModel):
+    """One file in the lake: where it is, how many rows, and its content hash."""
+
+    model_config = ConfigDict(frozen=True)
+
+    url: str = Field(description="fsspec URL of the file (no credentials in it).")
+    rows: int = Field(ge=0, description="Row count written.")
+    sha256: str = Field(description="Hex SHA-256 of the file's bytes.")
+    bytes: int = Field(ge=0, description="Size in bytes.")
+
+
+class Window(BaseModel):
+    """A batch week: Monday ``start`` to Sunday ``end``, both inclusive (dates in the pipeline timezone)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    start: date
+    end: date
+
+    @classmethod
+    def for_week(cls, week_start: date) -> Window:
+        return cls(start=week_start, end=week_start + timedelta(days=6))
+
+    @property
+    def label(self) -> str:
+        return self.start.isoformat()
+
+
+class ExtractResult(BaseModel):
+    """What the extract stage produced: raw Parquet parts in the lake's raw zone."""
+
+    window: Window
+    files: list[FileRef]
+    pages: int
+    rows: int
+
+
+class TransformResult(BaseModel):
+    """Valid events, rejects and weekly metrics, each a Parquet file (not yet published)."""
+
+    window: Window
+    fetched: int
+    valid: FileRef
+    rejects: FileRef
+    metrics: FileRef
+    rejected: int = Field(ge=0, description="Rows that failed the contract or the window (count toward the rate).")
+    duplicates: int = Field(
+        ge=0,
+        description="Rows superseded by a later record with the same event id (kept in rejects, not in the rate).",
+    )
+    top_reject_reasons: list[tuple[str, int]] = Field(default_factory=list)
