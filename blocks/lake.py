@@ -8,7 +8,7 @@ from urllib.parse import urlsplit
 
 from prefect.blocks.core import Block
 from prefect_azure import AzureBlobStorageCredentials
-from pydantic import Field, field_validator
+from pydantic import ConfigDict, Field, field_validator
 
 SUPPORTED_SCHEMES = ("file", "abfs", "az", "memory")
 
@@ -19,6 +19,8 @@ class Lake(Block):
     _block_type_name = "Data Lake"
     _block_type_slug = "weekly-etl-lake"
     _description = "Root URL of the data lake (file:// or abfs://) and, for Azure, the credentials block."
+    # Validation errors must not echo inputs: a URL or secret typed into the wrong field would leak.
+    model_config = ConfigDict(hide_input_in_errors=True)
 
     base_url: str = Field(description="Lake root as an fsspec URL: file:///abs/path or abfs://container/prefix.")
     azure_credentials: AzureBlobStorageCredentials | None = Field(

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Literal
 
 from prefect.blocks.core import Block
-from pydantic import Field, SecretStr, model_validator
+from pydantic import ConfigDict, Field, SecretStr, model_validator
 
 AuthMode = Literal["password", "session", "client_credentials"]
 
@@ -16,6 +16,8 @@ class SalesforceCredentials(Block):
     _block_type_name = "Salesforce Credentials"
     _block_type_slug = "weekly-etl-salesforce"
     _description = "Salesforce login for the Bulk API 2.0 upsert of weekly customer metrics."
+    # Validation errors must not echo inputs: a URL or secret typed into the wrong field would leak.
+    model_config = ConfigDict(hide_input_in_errors=True)
 
     auth_mode: AuthMode = Field(
         default="password",

@@ -6,7 +6,7 @@ from datetime import date
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from prefect.blocks.core import Block
-from pydantic import Field, field_validator
+from pydantic import ConfigDict, Field, field_validator
 
 
 class PipelineSettings(Block):
@@ -15,6 +15,8 @@ class PipelineSettings(Block):
     _block_type_name = "Pipeline Settings"
     _block_type_slug = "weekly-etl-settings"
     _description = "Quality thresholds, timezone, first week and Salesforce object names of the weekly flow."
+    # Validation errors must not echo inputs: a URL or secret typed into the wrong field would leak.
+    model_config = ConfigDict(hide_input_in_errors=True)
 
     pipeline_name: str = Field(default="weekly-customer-metrics", description="Name used in tracking tables.")
     reject_threshold_pct: float = Field(

@@ -6,7 +6,7 @@ from typing import Literal
 from urllib.parse import urlsplit
 
 from prefect.blocks.core import Block
-from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic import ConfigDict, Field, SecretStr, field_validator, model_validator
 
 Pagination = Literal["page_number", "offset", "cursor", "link_header"]
 AuthKind = Literal["none", "api_key", "bearer"]
@@ -18,6 +18,8 @@ class SourceApi(Block):
     _block_type_name = "Source API"
     _block_type_slug = "weekly-etl-source-api"
     _description = "Paginated JSON HTTP API: base URL, endpoint, pagination strategy, auth and rate limit."
+    # Validation errors must not echo inputs: a URL or secret typed into the wrong field would leak.
+    model_config = ConfigDict(hide_input_in_errors=True)
 
     base_url: str = Field(description="Scheme and host of the API, http:// or https:// only.")
     endpoint: str = Field(default="/events", description="Path of the events resource, joined to base_url.")

@@ -12,6 +12,7 @@ Messages never carry secrets: URLs pass through :func:`redact_url` before they a
 
 from __future__ import annotations
 
+import re
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 SENSITIVE_QUERY_KEYS = frozenset(
@@ -53,6 +54,14 @@ def redact_url(url: object) -> str:
         pairs = parse_qsl(query, keep_blank_values=True)
         query = urlencode([(k, REDACTED if k.lower() in SENSITIVE_QUERY_KEYS else v) for k, v in pairs], safe="*")
     return urlunsplit((parts.scheme, netloc, parts.path, query, ""))
+
+
+_URL_IN_TEXT = re.compile(r"[a-zA-Z][a-zA-Z0-9+.-]*://[^\s'\"<>]+")
+
+
+def redact_text(text: object) -> str:
+    """``text`` with every URL in it passed through :func:`redact_url`."""
+    return _URL_IN_TEXT.sub(lambda m: redact_url(m.group(0)), str(text))
 
 
 class PipelineError(Exception):
@@ -176,3 +185,32 @@ def is_retryable(exc: BaseException | None) -> bool:
         exc = exc.__cause__ or exc.__context__
         seen += 1
     return False
+
+
+# --- appended: tracking database -----------------------------------------------------------------
+
+
+class TrackingError(FatalError):
+    """Tracking tables, checkpoint document or a pending replay item is invalid (the message names the field/file)."""
+
+
+# --- ingestion (issue 6) -------------------------------------------------------------------------
+
+
+class SourceFormatError(FatalError):
+    """A CSV file or RSS/Atom feed cannot be read as a whole (undecodable, unsafe XML, bad header).
+
+    The message names the file or feed (credentials redacted); single bad rows are rejects, not this.
+    """
+
+    def __init__(self, location: str, message: str) -> None:
+        super().__init__(f"{redact_url(location)}: {message}")
+        self.location = redact_url(location)
+
+
+class SchemaDriftError(FatalError):
+    """A source's fields appeared, disappeared or changed type and its drift policy is ``fail``."""
+
+    def __init__(self, source: str, summary: str) -> None:
+        super().__init__(f"schema drift in source {source!r}: {summary}")
+        self.source = source
