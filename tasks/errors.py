@@ -99,6 +99,10 @@ class SalesforceUnavailableError(RetryableError):
     """Salesforce answered 5xx or could not be reached."""
 
 
+class AlertDeliveryError(RetryableError):
+    """An alert sink (Slack webhook, SMTP server) refused or could not be reached. Never carries the URL."""
+
+
 # --- permanent: fail ---------------------------------------------------------------------------
 
 
@@ -160,6 +164,31 @@ class SalesforceAuthError(FatalError):
 
 class DuplicateRunError(FatalError):
     """This pipeline already committed a successful run for the same week."""
+
+
+class SourceFileError(FatalError):
+    """A source extract file (or the source itself) holds a value that cannot be read; names file and field."""
+
+    def __init__(self, file: str, field: str, message: str) -> None:
+        super().__init__(f"{file}: {field}: {message}")
+        self.file = file
+        self.field = field
+
+
+class DataTestError(FatalError):
+    """At least one data test failed at error level; nothing was published."""
+
+    def __init__(self, failed: list[str]) -> None:
+        super().__init__(f"{len(failed)} data test(s) failed at error level: {', '.join(failed[:10])}")
+        self.failed = failed
+
+
+class ReconciliationError(FatalError):
+    """Post-load reconciliation: marts do not match the source (row counts or totals)."""
+
+    def __init__(self, mismatches: list[str]) -> None:
+        super().__init__(f"reconciliation failed: {'; '.join(mismatches[:10])}")
+        self.mismatches = mismatches
 
 
 # --- one row -----------------------------------------------------------------------------------

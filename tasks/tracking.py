@@ -1,0 +1,1017 @@
+"""Run tracking, the DB-first checkpoint and the pending-write replay queue.
+
+Tables (created idempotently by :func:`ensure_schema`, SQLAlchemy Core, portable across SQLite, PostgreSQL and
+SQL Server / Azure SQL):
+
+* ``pipeline_checkpoint``: one row per pipeline, the next batch week to process (source of truth).
+* ``pipeline_run``: one row per attempt at a week. A filtered unique index on ``(pipeline, week_start)``
+  ``WHERE status IN ('SUCCESS','SUCCESS_WITH_REJECTS')`` forbids a second successful run of the same week.
+* ``pipeline_stage``: one row per (run, stage).
+
+Every function takes a SQLAlchemy ``Engine`` (the flow builds it from the ``SqlAlchemyConnector`` block), runs one
+short transaction through :func:`tasks.sql.run_in_transaction` (one retry on a stale pooled connection, connection
+failures -> DatabaseUnavailableError without credentials) and is safe to call twice: the write functions are
+idempotent, which is what lets :func:`replay_pending` re-apply a queued write that may already have landed.
+
+Pending queue: when a tracking write fails after the data was loaded, the caller stores the write as one JSON file
+under ``_pending/<pipeline>/`` in the lake (:func:`queue_pending` / :func:`apply_or_queue`); the next run calls
+:func:`replay_pending` first.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import threading
+import time
+import uuid
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, date, datetime
+from enum import StrEnum
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy import exc as sa_exc
+from sqlalchemy.dialects import postgresql as pg_dialect
+from sqlalchemy.dialects import sqlite as sqlite_dialect
+from sqlalchemy.engine import Connection, Dialect, Engine
+
+from tasks.errors import (
+    DatabaseUnavailableError,
+    DuplicateRunError,
+    PipelineError,
+    TrackingError,
+    is_retryable,
+)
+from tasks.sql import run_in_transaction, safe_text
+
+_LOG = logging.getLogger(__name__)
+Logger = logging.Logger | logging.LoggerAdapter
+
+FAILURE_REASON_LIMIT = 2000
+DETAIL_LIMIT = 2000
+CHECKPOINT_DOCUMENT_LIMIT = 5000
+PENDING_ROOT = "_pending"
+_PIPELINE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$")
+
+
+class RunStatus(StrEnum):
+    RUNNING = "RUNNING"
+    SUCCESS = "SUCCESS"
+    SUCCESS_WITH_REJECTS = "SUCCESS_WITH_REJECTS"
+    FAILED = "FAILED"
+
+
+SUCCESS_STATUSES = (RunStatus.SUCCESS.value, RunStatus.SUCCESS_WITH_REJECTS.value)
+FINAL_STATUSES = (*SUCCESS_STATUSES, RunStatus.FAILED.value)
+STAGE_STATUSES = (*(s.value for s in RunStatus), "SKIPPED")
+COUNT_FIELDS = ("fetched", "valid", "rejected", "duplicates", "synced", "failed_rows")
+RATE_FIELD = "reject_rate_pct"
+
+# --- schema ---------------------------------------------------------------------------------------------------
+
+metadata = sa.MetaData()
+_TS = sa.DateTime(timezone=True)  # timestamptz / DATETIMEOFFSET; SQLite stores UTC text (we write UTC only)
+
+pipeline_checkpoint = sa.Table(
+    "pipeline_checkpoint",
+    metadata,
+    sa.Column("pipeline", sa.String(200), primary_key=True),
+    sa.Column("next_week_start", sa.Date, nullable=False),
+    sa.Column("updated_at", _TS, nullable=False),
+    sa.Column("last_run_id", sa.String(36)),
+)
+
+pipeline_run = sa.Table(
+    "pipeline_run",
+    metadata,
+    sa.Column("run_id", sa.String(36), primary_key=True),
+    sa.Column("pipeline", sa.String(200), nullable=False),
+    sa.Column("week_start", sa.Date, nullable=False),
+    sa.Column("status", sa.String(32), nullable=False),
+    sa.Column("started_at", _TS, nullable=False),
+    sa.Column("ended_at", _TS),
+    *(sa.Column(name, sa.BigInteger) for name in COUNT_FIELDS),
+    sa.Column(RATE_FIELD, sa.Float),
+    sa.Column("failure_reason", sa.String(FAILURE_REASON_LIMIT)),
+    sa.Column("flow_run_id", sa.String(64)),
+    sa.CheckConstraint(
+        "status IN (" + ", ".join(f"'{s.value}'" for s in RunStatus) + ")", name="ck_pipeline_run_status"
+    ),
+)
+_success_only = pipeline_run.c.status.in_(SUCCESS_STATUSES)
+sa.Index("ix_pipeline_run_pipeline_week", pipeline_run.c.pipeline, pipeline_run.c.week_start)
+uq_pipeline_run_success = sa.Index(
+    "uq_pipeline_run_success",
+    pipeline_run.c.pipeline,
+    pipeline_run.c.week_start,
+    unique=True,
+    postgresql_where=_success_only,
+    sqlite_where=_success_only,
+    mssql_where=_success_only,
+)
+
+pipeline_stage = sa.Table(
+    "pipeline_stage",
+    metadata,
+    sa.Column("run_id", sa.String(36), sa.ForeignKey("pipeline_run.run_id"), primary_key=True),
+    sa.Column("stage", sa.String(100), primary_key=True),
+    sa.Column("status", sa.String(32), nullable=False),
+    sa.Column("started_at", _TS, nullable=False),
+    sa.Column("ended_at", _TS),
+    sa.Column("rows_in", sa.BigInteger),
+    sa.Column("rows_out", sa.BigInteger),
+    sa.Column("detail", sa.String(DETAIL_LIMIT)),
+)
+
+
+def ensure_schema(engine: Engine, *, logger: Logger | None = None) -> None:
+    """Create the tracking tables and indexes when missing (safe to call on every run, and concurrently)."""
+
+    def work(conn: Connection) -> None:
+        metadata.create_all(conn, checkfirst=True)
+
+    try:
+        run_in_transaction(engine, "ensure_schema", work, logger=logger)
+    except (sa_exc.ProgrammingError, sa_exc.IntegrityError, sa_exc.OperationalError):
+        # Another process created a table between our check and our CREATE: check again.
+        run_in_transaction(engine, "ensure_schema", work, logger=logger)
+
+
+# --- records --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    run_id: str
+    pipeline: str
+    week_start: date
+    status: str
+    started_at: datetime
+    ended_at: datetime | None
+    fetched: int | None
+    valid: int | None
+    rejected: int | None
+    duplicates: int | None
+    synced: int | None
+    failed_rows: int | None
+    reject_rate_pct: float | None
+    failure_reason: str | None
+    flow_run_id: str | None
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-friendly (dates as ISO strings) for table artifacts and reports."""
+        return {k: (v.isoformat() if isinstance(v, date | datetime) else v) for k, v in asdict(self).items()}
+
+
+@dataclass(frozen=True)
+class StageRecord:
+    run_id: str
+    stage: str
+    status: str
+    started_at: datetime
+    ended_at: datetime | None
+    rows_in: int | None
+    rows_out: int | None
+    detail: str | None
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    pipeline: str
+    next_week_start: date
+    updated_at: datetime
+    last_run_id: str | None
+
+
+def _utc(value: datetime | None) -> datetime | None:
+    if value is None:
+        return None
+    if value.tzinfo is None:  # SQLite hands back what we stored: naive UTC
+        return value.replace(tzinfo=UTC)
+    return value.astimezone(UTC)
+
+
+def _as_date(value: Any) -> date:
+    if isinstance(value, datetime):
+        return value.date()
+    if isinstance(value, date):
+        return value
+    return date.fromisoformat(str(value))
+
+
+def _run_record(row: Mapping[str, Any]) -> RunRecord:
+    data = dict(row)
+    data["week_start"] = _as_date(data["week_start"])
+    data["started_at"] = _utc(data["started_at"])
+    data["ended_at"] = _utc(data["ended_at"])
+    return RunRecord(**data)
+
+
+def _stage_record(row: Mapping[str, Any]) -> StageRecord:
+    data = dict(row)
+    data["started_at"] = _utc(data["started_at"])
+    data["ended_at"] = _utc(data["ended_at"])
+    return StageRecord(**data)
+
+
+# --- validation -----------------------------------------------------------------------------------------------
+
+
+def _check_pipeline(pipeline: str) -> str:
+    if not isinstance(pipeline, str) or not _PIPELINE_RE.match(pipeline):
+        raise TrackingError(
+            f"pipeline: {pipeline!r} is not a valid name (letters, digits, '.', '_', '-'; at most 200 characters)"
+        )
+    return pipeline
+
+
+def _check_week(value: Any, name: str) -> date:
+    try:
+        week = _as_date(value)
+    except (TypeError, ValueError):
+        raise TrackingError(f"{name}: {value!r} is not an ISO date") from None
+    if week.weekday() != 0:
+        raise TrackingError(f"{name}: {week.isoformat()} is a {week.strftime('%A')}, not a Monday")
+    return week
+
+
+def _now(now: datetime | None) -> datetime:
+    if now is None:
+        return datetime.now(UTC)
+    if now.tzinfo is None:
+        raise TrackingError("now: must be timezone-aware")
+    return now.astimezone(UTC)
+
+
+def _counts(counts: Mapping[str, Any] | None) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in dict(counts or {}).items():
+        if key == RATE_FIELD:
+            if value is not None:
+                try:
+                    value = float(value)
+                except (TypeError, ValueError):
+                    raise TrackingError(f"counts.{key}: {value!r} is not a number") from None
+                if not 0 <= value <= 100:
+                    raise TrackingError(f"counts.{key}: {value} is outside 0..100")
+            out[key] = value
+        elif key in COUNT_FIELDS:
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+                raise TrackingError(f"counts.{key}: {value!r} is not a non-negative integer")
+            out[key] = value
+        else:
+            raise TrackingError(f"counts.{key}: unknown count (known: {', '.join((*COUNT_FIELDS, RATE_FIELD))})")
+    if out.get(RATE_FIELD) is None and out.get("fetched"):
+        out[RATE_FIELD] = round(100.0 * (out.get("rejected") or 0) / out["fetched"], 4)
+    return out
+
+
+def clean_reason(text: object | None, limit: int = FAILURE_REASON_LIMIT) -> str | None:
+    """A failure reason or stage detail fit for the table: secrets masked, cut to ``limit`` characters."""
+    if text is None:
+        return None
+    if isinstance(text, BaseException):
+        text = f"{type(text).__name__}: {text}"
+    return safe_text(text, limit)
+
+
+# --- runs and stages ------------------------------------------------------------------------------------------
+
+
+def _successful_run_id(conn: Connection, pipeline: str, week: date, exclude: str | None = None) -> str | None:
+    query = sa.select(pipeline_run.c.run_id).where(
+        pipeline_run.c.pipeline == pipeline,
+        pipeline_run.c.week_start == week,
+        pipeline_run.c.status.in_(SUCCESS_STATUSES),
+    )
+    if exclude is not None:
+        query = query.where(pipeline_run.c.run_id != exclude)
+    return conn.execute(query.limit(1)).scalar()
+
+
+def _duplicate(pipeline: str, week: date, existing: str | None) -> DuplicateRunError:
+    return DuplicateRunError(
+        f"pipeline {pipeline!r} already has a successful run for the week of {week.isoformat()} "
+        f"(run_id={existing}); refusing a second one"
+    )
+
+
+def start_run(
+    engine: Engine,
+    pipeline: str,
+    week_start: date,
+    *,
+    run_id: str | None = None,
+    flow_run_id: str | None = None,
+    now: datetime | None = None,
+    check_duplicate: bool = True,
+    logger: Logger | None = None,
+) -> str:
+    """Insert a RUNNING run and return its id.
+
+    Raises DuplicateRunError when the week already has a successful run (unless ``check_duplicate=False``; the
+    unique index still refuses the second success at :func:`finish_run`). Calling it again with the same
+    ``run_id`` (a retry after an ambiguous commit) is a no-op.
+    """
+    _check_pipeline(pipeline)
+    week = _check_week(week_start, "week_start")
+    run_id = str(run_id or uuid.uuid4())
+    started = _now(now)
+
+    def work(conn: Connection) -> str:
+        existing = conn.execute(
+            sa.select(pipeline_run.c.pipeline, pipeline_run.c.week_start).where(pipeline_run.c.run_id == run_id)
+        ).first()
+        if existing is not None:
+            if existing.pipeline != pipeline or _as_date(existing.week_start) != week:
+                raise TrackingError(f"run_id: {run_id} already exists for another pipeline/week")
+            return run_id
+        if check_duplicate:
+            done = _successful_run_id(conn, pipeline, week)
+            if done is not None:
+                raise _duplicate(pipeline, week, done)
+        conn.execute(
+            pipeline_run.insert().values(
+                run_id=run_id,
+                pipeline=pipeline,
+                week_start=week,
+                status=RunStatus.RUNNING.value,
+                started_at=started,
+                flow_run_id=flow_run_id,
+            )
+        )
+        return run_id
+
+    return run_in_transaction(engine, "start_run", work, logger=logger)
+
+
+def finish_run(
+    engine: Engine,
+    run_id: str,
+    status: str,
+    counts: Mapping[str, Any] | None = None,
+    failure_reason: object | None = None,
+    *,
+    now: datetime | None = None,
+    logger: Logger | None = None,
+) -> bool:
+    """Close a RUNNING run with a final status and its counts. Returns False when it was already finished (no-op).
+
+    ``counts`` keys: fetched, valid, rejected, duplicates, synced, failed_rows, reject_rate_pct (computed from
+    rejected/fetched when absent). ``failure_reason`` (text or exception) is scrubbed of secrets and truncated.
+    A second successful run of the same week raises DuplicateRunError naming the run that already succeeded.
+    """
+    log = logger or _LOG
+    status = str(status)
+    if status not in FINAL_STATUSES:
+        raise TrackingError(f"status: {status!r} is not a final run status ({', '.join(FINAL_STATUSES)})")
+    values = _counts(counts)
+    values.update(status=status, ended_at=_now(now), failure_reason=clean_reason(failure_reason))
+
+    def work(conn: Connection) -> bool:
+        result = conn.execute(
+            pipeline_run.update()
+            .where(pipeline_run.c.run_id == run_id, pipeline_run.c.status == RunStatus.RUNNING.value)
+            .values(**values)
+        )
+        if result.rowcount == 1:
+            return True
+        current = conn.execute(sa.select(pipeline_run.c.status).where(pipeline_run.c.run_id == run_id)).scalar()
+        if current is None:
+            raise TrackingError(f"run_id: no run {run_id} in pipeline_run (start_run was never recorded)")
+        log.info("run %s is already finished (%s); finish_run(%s) is a no-op", run_id, current, status)
+        return False
+
+    try:
+        return run_in_transaction(engine, "finish_run", work, logger=logger)
+    except sa_exc.IntegrityError:
+        if status not in SUCCESS_STATUSES:
+            raise
+
+        def who(conn: Connection) -> tuple[str, date, str | None]:
+            row = conn.execute(
+                sa.select(pipeline_run.c.pipeline, pipeline_run.c.week_start).where(pipeline_run.c.run_id == run_id)
+            ).one()
+            week = _as_date(row.week_start)
+            return row.pipeline, week, _successful_run_id(conn, row.pipeline, week, exclude=run_id)
+
+        pipeline, week, existing = run_in_transaction(engine, "finish_run", who, logger=logger)
+        if existing is None:
+            raise
+        raise _duplicate(pipeline, week, existing) from None
+
+
+def start_stage(
+    engine: Engine,
+    run_id: str,
+    stage: str,
+    *,
+    rows_in: int | None = None,
+    now: datetime | None = None,
+    logger: Logger | None = None,
+) -> None:
+    """Mark a stage RUNNING (a retried stage is reset to RUNNING with a fresh start time)."""
+    if not stage or len(stage) > 100:
+        raise TrackingError(f"stage: {stage!r} must be 1..100 characters")
+    started = _now(now)
+    values = {"status": RunStatus.RUNNING.value, "started_at": started, "ended_at": None, "rows_in": rows_in}
+
+    def work(conn: Connection) -> None:
+        where = (pipeline_stage.c.run_id == run_id, pipeline_stage.c.stage == stage)
+        if conn.execute(pipeline_stage.update().where(*where).values(rows_out=None, detail=None, **values)).rowcount:
+            return
+        conn.execute(pipeline_stage.insert().values(run_id=run_id, stage=stage, **values))
+
+    run_in_transaction(engine, "start_stage", work, logger=logger)
+
+
+def finish_stage(
+    engine: Engine,
+    run_id: str,
+    stage: str,
+    status: str,
+    *,
+    rows_in: int | None = None,
+    rows_out: int | None = None,
+    detail: object | None = None,
+    now: datetime | None = None,
+    logger: Logger | None = None,
+) -> bool:
+    """Close a RUNNING stage. Returns False when it was already closed (no-op). A stage never started is recorded
+    as started and ended at ``now``."""
+    status = str(status)
+    if status not in STAGE_STATUSES or status == RunStatus.RUNNING.value:
+        raise TrackingError(f"status: {status!r} is not a final stage status")
+    ended = _now(now)
+    values: dict[str, Any] = {"status": status, "ended_at": ended, "detail": clean_reason(detail, DETAIL_LIMIT)}
+    if rows_in is not None:
+        values["rows_in"] = rows_in
+    if rows_out is not None:
+        values["rows_out"] = rows_out
+
+    def work(conn: Connection) -> bool:
+        where = (pipeline_stage.c.run_id == run_id, pipeline_stage.c.stage == stage)
+        running = pipeline_stage.c.status == RunStatus.RUNNING.value
+        if conn.execute(pipeline_stage.update().where(*where, running).values(**values)).rowcount:
+            return True
+        if conn.execute(sa.select(pipeline_stage.c.status).where(*where)).first() is not None:
+            return False
+        conn.execute(pipeline_stage.insert().values(run_id=run_id, stage=stage, started_at=ended, **values))
+        return True
+
+    return run_in_transaction(engine, "finish_stage", work, logger=logger)
+
+
+def fail_abandoned_runs(
+    engine: Engine,
+    pipeline: str,
+    *,
+    reason: str = "abandoned: the process ended before finishing the run",
+    exclude: str | None = None,
+    now: datetime | None = None,
+    logger: Logger | None = None,
+) -> int:
+    """Mark this pipeline's RUNNING runs (other than ``exclude``) FAILED. Call after :func:`replay_pending`,
+    under the flow's concurrency limit, so a crashed run does not stay RUNNING forever. Returns the count."""
+    _check_pipeline(pipeline)
+    ended = _now(now)
+
+    def work(conn: Connection) -> int:
+        query = pipeline_run.update().where(
+            pipeline_run.c.pipeline == pipeline, pipeline_run.c.status == RunStatus.RUNNING.value
+        )
+        if exclude is not None:
+            query = query.where(pipeline_run.c.run_id != exclude)
+        return conn.execute(
+            query.values(status=RunStatus.FAILED.value, ended_at=ended, failure_reason=clean_reason(reason))
+        ).rowcount
+
+    return run_in_transaction(engine, "fail_abandoned_runs", work, logger=logger)
+
+
+def get_run(engine: Engine, run_id: str) -> RunRecord | None:
+    def work(conn: Connection) -> RunRecord | None:
+        row = conn.execute(sa.select(pipeline_run).where(pipeline_run.c.run_id == run_id)).mappings().first()
+        return None if row is None else _run_record(row)
+
+    return run_in_transaction(engine, "get_run", work)
+
+
+def last_successful_run(engine: Engine, pipeline: str, week: date) -> RunRecord | None:
+    """The successful run of ``pipeline`` for the week starting ``week``, if any."""
+    _check_pipeline(pipeline)
+    week = _as_date(week)
+
+    def work(conn: Connection) -> RunRecord | None:
+        row = (
+            conn.execute(
+                sa.select(pipeline_run)
+                .where(
+                    pipeline_run.c.pipeline == pipeline,
+                    pipeline_run.c.week_start == week,
+                    pipeline_run.c.status.in_(SUCCESS_STATUSES),
+                )
+                .order_by(pipeline_run.c.started_at.desc())
+                .limit(1)
+            )
+            .mappings()
+            .first()
+        )
+        return None if row is None else _run_record(row)
+
+    return run_in_transaction(engine, "last_successful_run", work)
+
+
+def runs(engine: Engine, pipeline: str, *, week: date | None = None, limit: int | None = 100) -> list[RunRecord]:
+    """Runs of ``pipeline`` (optionally one week), newest week first, newest start first within a week."""
+    _check_pipeline(pipeline)
+
+    def work(conn: Connection) -> list[RunRecord]:
+        query = sa.select(pipeline_run).where(pipeline_run.c.pipeline == pipeline)
+        if week is not None:
+            query = query.where(pipeline_run.c.week_start == _as_date(week))
+        query = query.order_by(pipeline_run.c.week_start.desc(), pipeline_run.c.started_at.desc())
+        if limit is not None:
+            query = query.limit(limit)
+        return [_run_record(row) for row in conn.execute(query).mappings()]
+
+    return run_in_transaction(engine, "runs", work)
+
+
+def stages(engine: Engine, run_id: str) -> list[StageRecord]:
+    """Stages of one run, in start order."""
+
+    def work(conn: Connection) -> list[StageRecord]:
+        query = (
+            sa.select(pipeline_stage)
+            .where(pipeline_stage.c.run_id == run_id)
+            .order_by(pipeline_stage.c.started_at, pipeline_stage.c.stage)
+        )
+        return [_stage_record(row) for row in conn.execute(query).mappings()]
+
+    return run_in_transaction(engine, "stages", work)
+
+
+# --- checkpoint -----------------------------------------------------------------------------------------------
+
+
+def checkpoint_state(engine: Engine, pipeline: str) -> Checkpoint | None:
+    """The checkpoint row (next week, when it was written, by which run), or None before the first run."""
+    _check_pipeline(pipeline)
+
+    def work(conn: Connection) -> Checkpoint | None:
+        row = (
+            conn.execute(sa.select(pipeline_checkpoint).where(pipeline_checkpoint.c.pipeline == pipeline))
+            .mappings()
+            .first()
+        )
+        if row is None:
+            return None
+        return Checkpoint(
+            pipeline=row["pipeline"],
+            next_week_start=_as_date(row["next_week_start"]),
+            updated_at=_utc(row["updated_at"]),
+            last_run_id=row["last_run_id"],
+        )
+
+    return run_in_transaction(engine, "get_checkpoint", work)
+
+
+def get_checkpoint(engine: Engine, pipeline: str) -> date | None:
+    """The next batch week to process according to the database (the source of truth), or None."""
+    state = checkpoint_state(engine, pipeline)
+    return None if state is None else state.next_week_start
+
+
+# SQL Server type names spelled out: an engine that has not connected yet compiles Date as DATETIME.
+_MSSQL_TYPES = {
+    "pipeline": "VARCHAR(200)",
+    "next_week_start": "DATE",
+    "updated_at": "DATETIMEOFFSET",
+    "last_run_id": "VARCHAR(36)",
+}
+
+
+def _type_sql(column: sa.Column, dialect: Dialect) -> str:
+    if dialect.name == "mssql":
+        return _MSSQL_TYPES[column.name]
+    return column.type.compile(dialect=dialect)
+
+
+def checkpoint_merge_sql(dialect: Dialect, *, force: bool = False) -> sa.TextClause:
+    """The checkpoint upsert as one ``MERGE`` (SQL Server / Azure SQL; PostgreSQL 15+ runs it too).
+
+    ``WITH (HOLDLOCK)`` (SQL Server only) keeps two concurrent first inserts from racing into a key violation.
+    Unless ``force``, a matched row moves only forward. Bind names: pipeline, next_week_start, updated_at,
+    last_run_id.
+    """
+    c = pipeline_checkpoint.c
+    hint = " WITH (HOLDLOCK)" if dialect.name == "mssql" else ""
+    guard = "" if force else " AND target.next_week_start < source.next_week_start"
+    sql = (
+        f"MERGE INTO pipeline_checkpoint{hint} AS target "
+        f"USING (SELECT CAST(:pipeline AS {_type_sql(c.pipeline, dialect)}) AS pipeline, "
+        f"CAST(:next_week_start AS {_type_sql(c.next_week_start, dialect)}) AS next_week_start, "
+        f"CAST(:updated_at AS {_type_sql(c.updated_at, dialect)}) AS updated_at, "
+        f"CAST(:last_run_id AS {_type_sql(c.last_run_id, dialect)}) AS last_run_id) AS source "
+        "ON target.pipeline = source.pipeline "
+        f"WHEN MATCHED{guard} THEN UPDATE SET next_week_start = source.next_week_start, "
+        "updated_at = source.updated_at, last_run_id = source.last_run_id "
+        "WHEN NOT MATCHED THEN INSERT (pipeline, next_week_start, updated_at, last_run_id) "
+        "VALUES (source.pipeline, source.next_week_start, source.updated_at, source.last_run_id);"
+    )
+    return sa.text(sql).bindparams(
+        sa.bindparam("pipeline", type_=c.pipeline.type),
+        sa.bindparam("next_week_start", type_=c.next_week_start.type),
+        sa.bindparam("updated_at", type_=c.updated_at.type),
+        sa.bindparam("last_run_id", type_=c.last_run_id.type),
+    )
+
+
+def checkpoint_upsert(dialect: Dialect, values: Mapping[str, Any], *, force: bool = False) -> sa.Executable:
+    """The one portable checkpoint upsert, chosen by dialect: ON CONFLICT (PostgreSQL, SQLite) or MERGE (others).
+
+    ``values``: pipeline, next_week_start, updated_at, last_run_id. Unless ``force``, never moves backwards.
+    """
+    name = dialect.name
+    if name in ("postgresql", "sqlite"):
+        insert = pg_dialect.insert if name == "postgresql" else sqlite_dialect.insert
+        stmt = insert(pipeline_checkpoint).values(**values)
+        excluded = stmt.excluded
+        return stmt.on_conflict_do_update(
+            index_elements=[pipeline_checkpoint.c.pipeline],
+            set_={
+                "next_week_start": excluded.next_week_start,
+                "updated_at": excluded.updated_at,
+                "last_run_id": excluded.last_run_id,
+            },
+            where=None if force else pipeline_checkpoint.c.next_week_start < excluded.next_week_start,
+        )
+    return checkpoint_merge_sql(dialect, force=force).bindparams(**values)
+
+
+def advance_checkpoint(
+    engine: Engine,
+    pipeline: str,
+    next_week_start: date,
+    run_id: str | None = None,
+    *,
+    force: bool = False,
+    now: datetime | None = None,
+    logger: Logger | None = None,
+) -> date:
+    """Upsert the checkpoint to ``next_week_start`` (a Monday) and return the checkpoint now in the database.
+
+    Monotonic: a value at or before the stored one changes nothing (the return value shows the stored week)
+    unless ``force=True``. Idempotent, so safe to replay.
+    """
+    log = logger or _LOG
+    _check_pipeline(pipeline)
+    week = _check_week(next_week_start, "next_week_start")
+    values = {"pipeline": pipeline, "next_week_start": week, "updated_at": _now(now), "last_run_id": run_id}
+
+    def work(conn: Connection) -> date:
+        conn.execute(checkpoint_upsert(conn.dialect, values, force=force))
+        stored = conn.execute(
+            sa.select(pipeline_checkpoint.c.next_week_start).where(pipeline_checkpoint.c.pipeline == pipeline)
+        ).scalar_one()
+        return _as_date(stored)
+
+    stored = run_in_transaction(engine, "advance_checkpoint", work, logger=logger)
+    if stored != week:
+        log.info(
+            "checkpoint of %s stays at %s (asked %s; it never moves backwards without force)",
+            pipeline,
+            stored.isoformat(),
+            week.isoformat(),
+        )
+    return stored
+
+
+def checkpoint_document(next_week_start: date, run_id: str | None, now: datetime) -> dict[str, Any]:
+    """The Prefect Variable mirror of the checkpoint: ``{next_week_start, updated_at, last_run_id}`` (JSON, small)."""
+    week = _check_week(next_week_start, "next_week_start")
+    document = {
+        "next_week_start": week.isoformat(),
+        "updated_at": _now(now).isoformat(),
+        "last_run_id": None if run_id is None else str(run_id),
+    }
+    size = len(json.dumps(document))
+    if size >= CHECKPOINT_DOCUMENT_LIMIT:
+        raise TrackingError(
+            f"last_run_id: checkpoint document is {size} characters (limit {CHECKPOINT_DOCUMENT_LIMIT})"
+        )
+    return document
+
+
+def parse_checkpoint_document(document: Any) -> date:
+    """The next batch week from a checkpoint document (a dict, or its JSON text). TrackingError names the problem."""
+    if isinstance(document, str | bytes):
+        try:
+            document = json.loads(document)
+        except ValueError:
+            raise TrackingError("checkpoint document: not valid JSON") from None
+    if not isinstance(document, Mapping):
+        raise TrackingError(f"checkpoint document: expected a JSON object, got {type(document).__name__}")
+    if "next_week_start" not in document:
+        raise TrackingError("checkpoint document.next_week_start: missing")
+    value = document["next_week_start"]
+    if not isinstance(value, str):
+        raise TrackingError(f"checkpoint document.next_week_start: expected an ISO date string, got {value!r}")
+    return _check_week(value, "checkpoint document.next_week_start")
+
+
+# --- pending replay queue -------------------------------------------------------------------------------------
+
+
+class _PendingStore:
+    """Adapter over LakeFS for the queue. Uses the lake's JSON/list/delete methods when it has them; otherwise a
+    stop-gap over ``lake.fs`` (write to a temp name then rename on file://; a single blob upload is atomic)."""
+
+    def __init__(self, lake: Any) -> None:
+        self.lake = lake
+
+    def write_json(self, rel: str, obj: Mapping[str, Any]) -> None:
+        if hasattr(self.lake, "write_json_atomic"):
+            self.lake.write_json_atomic(rel, obj)
+            return
+        data = json.dumps(obj, sort_keys=True).encode()
+        if getattr(self.lake, "scheme", "file") == "file":
+            tmp = f"{rel}.tmp-{uuid.uuid4().hex}"
+            self.lake.write_bytes(tmp, data)
+            self.lake.fs.mv(self.lake._path(tmp), self.lake._path(rel))
+        else:
+            self.lake.write_bytes(rel, data)
+
+    def read_json(self, rel: str) -> Any:
+        if hasattr(self.lake, "read_json"):
+            return self.lake.read_json(rel)
+        return json.loads(self.lake.read_bytes(rel))
+
+    def names(self, prefix: str) -> list[str]:
+        """File names (not paths) of ``*.json`` items directly under ``prefix``, sorted."""
+        if hasattr(self.lake, "list"):
+            entries = self.lake.list(prefix)
+        else:
+            try:
+                entries = self.lake.fs.ls(self.lake._path(prefix), detail=False)
+            except FileNotFoundError:
+                entries = []
+        names = {str(e).rstrip("/").rsplit("/", 1)[-1] for e in entries or []}
+        return sorted(n for n in names if n.endswith(".json") and not n.startswith("."))
+
+    def delete(self, rel: str) -> None:
+        if hasattr(self.lake, "delete"):
+            self.lake.delete(rel)
+        else:
+            self.lake.fs.rm(self.lake._path(rel))
+
+
+_DATE_ARGS = {"next_week_start"}
+_DATETIME_ARGS = {"now"}
+
+
+def _finish_run_op(engine: Engine, pipeline: str, args: dict[str, Any], logger: Logger | None) -> bool:
+    return finish_run(engine, logger=logger, **args)
+
+
+def _finish_stage_op(engine: Engine, pipeline: str, args: dict[str, Any], logger: Logger | None) -> bool:
+    return finish_stage(engine, logger=logger, **args)
+
+
+def _advance_op(engine: Engine, pipeline: str, args: dict[str, Any], logger: Logger | None) -> date:
+    args = dict(args)
+    item_pipeline = args.pop("pipeline", pipeline)
+    if item_pipeline != pipeline:
+        raise TrackingError(f"pipeline: pending item is for {item_pipeline!r}, not {pipeline!r}")
+    return advance_checkpoint(engine, pipeline, logger=logger, **args)
+
+
+_OPS: dict[str, tuple[Callable[..., Any], frozenset[str]]] = {
+    "finish_run": (_finish_run_op, frozenset({"run_id", "status", "counts", "failure_reason", "now"})),
+    "finish_stage": (
+        _finish_stage_op,
+        frozenset({"run_id", "stage", "status", "rows_in", "rows_out", "detail", "now"}),
+    ),
+    "advance_checkpoint": (_advance_op, frozenset({"pipeline", "next_week_start", "run_id", "force", "now"})),
+}
+PENDING_OPS = tuple(_OPS)
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, datetime):
+        return _now(value).isoformat() if value.tzinfo else value.isoformat()
+    if isinstance(value, date):
+        return value.isoformat()
+    if isinstance(value, StrEnum):
+        return value.value
+    if isinstance(value, BaseException):
+        return clean_reason(value)
+    raise TypeError(f"{type(value).__name__} is not JSON serializable")
+
+
+def _check_args(op: str, args: Mapping[str, Any], where: str) -> None:
+    if op not in _OPS:
+        raise TrackingError(f"{where}.op: {op!r} is not one of {', '.join(PENDING_OPS)}")
+    unknown = set(args) - _OPS[op][1]
+    if unknown:
+        raise TrackingError(f"{where}.args: unknown argument(s) {', '.join(sorted(unknown))} for {op}")
+
+
+def pending_prefix(pipeline: str) -> str:
+    return f"{PENDING_ROOT}/{_check_pipeline(pipeline)}"
+
+
+_SEQ_LOCK = threading.Lock()
+_LAST_NS = 0
+
+
+def _ordered_ns() -> int:
+    """time.time_ns(), strictly increasing within this process (so names sort in enqueue order)."""
+    global _LAST_NS
+    with _SEQ_LOCK:
+        _LAST_NS = max(time.time_ns(), _LAST_NS + 1)
+        return _LAST_NS
+
+
+def queue_pending(
+    lake: Any,
+    pipeline: str,
+    op: str,
+    args: Mapping[str, Any],
+    *,
+    reason: object | None = None,
+    logger: Logger | None = None,
+) -> str:
+    """Store a tracking write that failed for replay by the next run; returns the item's lake-relative path.
+
+    One JSON file per item, ``_pending/<pipeline>/<UTC timestamp with ns>-<uuid>.json``, written atomically.
+    ``args`` are the keyword arguments of ``op`` (finish_run / finish_stage / advance_checkpoint, without the
+    engine); dates may be ``date``/``datetime`` or ISO strings. Pass ``now`` to keep the original event time.
+    """
+    log = logger or _LOG
+    prefix = pending_prefix(pipeline)
+    args = dict(args)
+    _check_args(op, args, "pending item")
+    args.setdefault("now", datetime.now(UTC))
+    ns = _ordered_ns()
+    stamp = datetime.fromtimestamp(ns // 1_000_000_000, UTC).strftime("%Y%m%dT%H%M%S")
+    name = f"{stamp}{ns % 1_000_000_000:09d}Z-{uuid.uuid4().hex}.json"
+    item = {
+        "version": 1,
+        "pipeline": pipeline,
+        "op": op,
+        "args": json.loads(json.dumps(args, default=_json_default)),
+        "queued_at": datetime.now(UTC).isoformat(),
+        "reason": clean_reason(reason, 500),
+    }
+    rel = f"{prefix}/{name}"
+    _PendingStore(lake).write_json(rel, item)
+    log.warning("queued %s for %s as %s (replayed at the next run)", op, pipeline, rel)
+    return rel
+
+
+def pending_items(lake: Any, pipeline: str) -> list[str]:
+    """Lake-relative paths of the queued items of ``pipeline``, oldest first."""
+    prefix = pending_prefix(pipeline)
+    return [f"{prefix}/{n}" for n in _PendingStore(lake).names(prefix)]
+
+
+def _decode_item(item: Any, rel: str, pipeline: str) -> tuple[str, dict[str, Any]]:
+    if not isinstance(item, Mapping):
+        raise TrackingError(f"{rel}: not a JSON object")
+    op = item.get("op")
+    args = item.get("args")
+    if not isinstance(op, str) or not isinstance(args, Mapping):
+        raise TrackingError(f"{rel}: needs 'op' (string) and 'args' (object)")
+    if item.get("pipeline", pipeline) != pipeline:
+        raise TrackingError(f"{rel}.pipeline: {item.get('pipeline')!r} is not {pipeline!r}")
+    _check_args(op, args, rel)
+    decoded = dict(args)
+    try:
+        for key in _DATE_ARGS & decoded.keys():
+            decoded[key] = _as_date(decoded[key])
+        for key in _DATETIME_ARGS & decoded.keys():
+            if decoded[key] is not None and not isinstance(decoded[key], datetime):
+                decoded[key] = datetime.fromisoformat(decoded[key])
+    except (TypeError, ValueError) as exc:
+        raise TrackingError(f"{rel}.args: {exc}") from None
+    return op, decoded
+
+
+def apply_pending_op(
+    engine: Engine, pipeline: str, op: str, args: Mapping[str, Any], *, logger: Logger | None = None
+) -> Any:
+    """Run one queue operation now (the same code path :func:`replay_pending` uses)."""
+    _check_args(op, args, "operation")
+    return _OPS[op][0](engine, pipeline, dict(args), logger)
+
+
+def apply_or_queue(
+    engine: Engine,
+    lake: Any,
+    pipeline: str,
+    op: str,
+    args: Mapping[str, Any],
+    *,
+    logger: Logger | None = None,
+) -> bool:
+    """Apply ``op`` now; when the database is unavailable, queue it in the lake instead. True = applied now.
+
+    Only DatabaseUnavailableError is queued: a fatal error (DuplicateRunError, bad arguments) propagates, since
+    replaying it later would fail the same way.
+    """
+    args = dict(args)
+    args.setdefault("now", datetime.now(UTC))
+    try:
+        apply_pending_op(engine, pipeline, op, args, logger=logger)
+        return True
+    except DatabaseUnavailableError as exc:
+        queue_pending(lake, pipeline, op, args, reason=exc, logger=logger)
+        return False
+
+
+@dataclass
+class ReplayResult:
+    """What :func:`replay_pending` did: items applied (and removed), items still queued, the first failure."""
+
+    applied: int = 0
+    remaining: int = 0
+    failed_item: str | None = None
+    error: str | None = None
+    retryable: bool = False
+    applied_items: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+    def raise_for_error(self) -> None:
+        """Raise DatabaseUnavailableError (retryable) or TrackingError (fatal) when an item could not be applied."""
+        if self.error is None:
+            return
+        message = f"pending replay stopped at {self.failed_item} ({self.remaining} item(s) left): {self.error}"
+        if self.retryable:
+            raise DatabaseUnavailableError(message)
+        raise TrackingError(message)
+
+
+def replay_pending(engine: Engine, lake: Any, pipeline: str, *, logger: Logger | None = None) -> ReplayResult:
+    """Apply the queued writes of ``pipeline`` in order, each idempotently, deleting each item only after it was
+    applied. Stops at the first item that fails (keeping it and all later ones, so order is preserved) and reports
+    it in the result; call ``result.raise_for_error()`` to fail the run. Replaying twice is a no-op.
+    """
+    log = logger or _LOG
+    store = _PendingStore(lake)
+    items = pending_items(lake, pipeline)
+    result = ReplayResult(remaining=len(items))
+    for index, rel in enumerate(items):
+        try:
+            op, args = _decode_item(store.read_json(rel), rel, pipeline)
+            apply_pending_op(engine, pipeline, op, args, logger=logger)
+        except (PipelineError, sa_exc.SQLAlchemyError, OSError, ValueError) as exc:
+            result.failed_item = rel
+            result.retryable = is_retryable(exc) or isinstance(exc, OSError)
+            result.error = clean_reason(exc, 500)
+            result.remaining = len(items) - index
+            log.error("pending replay of %s stopped at %s: %s", pipeline, rel, result.error)
+            return result
+        try:
+            store.delete(rel)
+        except OSError as exc:
+            # Applied but not removed: it will be re-applied next time, which is harmless (idempotent).
+            log.warning("applied %s but could not delete it (%s); it will be replayed again", rel, type(exc).__name__)
+        result.applied += 1
+        result.applied_items.append(rel)
+        result.remaining = len(items) - index - 1
+        log.info("replayed %s (%s)", rel, op)
+    return result
+
+
+def checkpoint_upsert_qmark(dialect_name: str, *, force: bool = False, merge: bool = False) -> tuple[str, list[str]]:
+    """The checkpoint upsert as raw ``?``-placeholder SQL for a plain DB-API cursor (pyodbc), plus the order of its
+    parameters (names from: pipeline, next_week_start, updated_at, last_run_id).
+
+    ``dialect_name``: ``mssql`` (MERGE), ``postgresql`` or ``sqlite`` (ON CONFLICT; ``merge=True`` gives the MERGE
+    form for PostgreSQL 15+).
+    """
+    names = ("pipeline", "next_week_start", "updated_at", "last_run_id")
+    if dialect_name == "mssql":
+        from sqlalchemy.dialects.mssql import pyodbc as mssql_pyodbc
+
+        dialect: Dialect = mssql_pyodbc.dialect(paramstyle="qmark")
+    elif dialect_name == "postgresql":
+        dialect = pg_dialect.psycopg.dialect(paramstyle="qmark")
+    elif dialect_name == "sqlite":
+        dialect = sqlite_dialect.pysqlite.dialect(paramstyle="qmark")
+    else:
+        raise TrackingError(f"dialect_name: {dialect_name!r} is not one of mssql, postgresql, sqlite")
+    if merge or dialect_name == "mssql":
+        stmt: sa.Executable = checkpoint_merge_sql(dialect, force=force)
+    else:
+        stmt = checkpoint_upsert(dialect, {n: sa.bindparam(n, type_=pipeline_checkpoint.c[n].type) for n in names})
+    compiled = stmt.compile(dialect=dialect)
+    return str(compiled), list(compiled.positiontup or [])
