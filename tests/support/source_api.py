@@ -1,1 +1,85 @@
-"""Placeholder: filled in by the module's owner."""
+"""The demo events API (tasks.demo_source) as a real uvicorn server on 127.0.0.1.
+
+* ``source_api_server`` (session): the running server: ``base_url``, ``config`` (:class:`DemoConfig`),
+  ``faults`` (:class:`Faults`), ``stats`` (:class:`Stats`).
+* ``source_api`` (function): the same server with config, faults and counters reset to the defaults below.
+  Request this one in tests (it is what makes fault flips not leak between tests).
+* ``make_source_api`` (function): ``make_source_api("cursor", page_size=50, ...) -> blocks.SourceApi`` pointed at
+  ``/{style}/events`` of the server, with fast retry settings (override any field by keyword).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from datetime import date
+
+import pytest
+
+from tasks.demo_source import DemoConfig, Faults, Stats, create_app, serve
+
+DEFAULT_TOTAL = 1_000
+WEEK = date(2024, 1, 1)  # a Monday
+
+
+@dataclass
+class SourceApiServer:
+    base_url: str
+    config: DemoConfig
+
+    @property
+    def faults(self) -> Faults:
+        return self.config.faults
+
+    @property
+    def stats(self) -> Stats:
+        return self.config.stats
+
+    def url(self, style: str | None = None) -> str:
+        return f"{self.base_url}/{style}/events" if style else f"{self.base_url}/events"
+
+    def reset(self) -> None:
+        fresh = DemoConfig(total=DEFAULT_TOTAL)
+        for name in ("total", "seed", "invalid_ratio", "duplicate_ratio", "customers", "tz", "pagination"):
+            setattr(self.config, name, getattr(fresh, name))
+        for name in ("records_key", "cursor_path", "default_page_size", "max_page_size"):
+            setattr(self.config, name, getattr(fresh, name))
+        self.config.auth, self.config.api_key_header, self.config.secret = "none", "X-API-Key", None
+        self.config.faults.reset()
+        self.config.stats.reset()
+
+
+@pytest.fixture(scope="session")
+def source_api_server() -> Iterator[SourceApiServer]:
+    config = DemoConfig(total=DEFAULT_TOTAL)
+    with serve(create_app(config)) as base_url:
+        yield SourceApiServer(base_url=base_url, config=config)
+
+
+@pytest.fixture
+def source_api(source_api_server: SourceApiServer) -> Iterator[SourceApiServer]:
+    source_api_server.reset()
+    yield source_api_server
+    source_api_server.reset()
+
+
+@pytest.fixture
+def make_source_api(source_api: SourceApiServer) -> Callable[..., object]:
+    from blocks import SourceApi
+
+    def build(pagination: str = "page_number", **overrides: object) -> SourceApi:
+        fields: dict[str, object] = {
+            "base_url": source_api.base_url,
+            "endpoint": f"/{pagination}/events",
+            "pagination": pagination,
+            "page_size": 100,
+            "timeout_seconds": 5.0,
+            "max_attempts": 4,
+            "backoff_base_seconds": 0.01,
+            "backoff_max_seconds": 0.05,
+            "pages_per_file": 5,
+        }
+        fields.update(overrides)
+        return SourceApi(**fields)
+
+    return build
