@@ -11,4 +11,5 @@ pytest_plugins = [
     "tests.support.source_api",
     "tests.support.azurite",
     "tests.support.fake_salesforce",
+    "tests.support.ingest_fixtures",
 ]
