@@ -243,3 +243,14 @@ class SchemaDriftError(FatalError):
     def __init__(self, source: str, summary: str) -> None:
         super().__init__(f"schema drift in source {source!r}: {summary}")
         self.source = source
+
+
+# --- appended: transform stage -------------------------------------------------------------------
+
+
+class RawPartError(FatalError):
+    """A raw Parquet part is missing, unreadable or lacks the raw columns (``_seq``, ``_page``, ``payload``)."""
+
+    def __init__(self, url: str, message: str) -> None:
+        super().__init__(f"{redact_url(url)}: {message}")
+        self.url = redact_url(url)
