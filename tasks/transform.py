@@ -1,0 +1,553 @@
+"""Validate and transform one week of raw events into valid events, rejects and Salesforce-shaped metrics.
+
+Validation is vectorized in Polars and applies exactly the rules of :class:`tasks.contract.EventRecord`
+(the tests use the pydantic model as the oracle on every record). How a raw part is processed:
+
+1. Split each part into chunks; payloads that the fast path cannot read unambiguously (not starting with
+   ``{``, containing a raw newline or a ``\\u`` escape) go to the slow path.
+2. Fast path: the payloads are written as NDJSON and read ONCE by ``pl.read_ndjson`` with an all-String
+   schema (``ignore_errors=True``: a field of the wrong JSON type reads as its text). Whether ``id`` and
+   ``customer_id`` were JSON strings and ``metadata`` a JSON object is read off the raw text with cheap
+   literal checks (``"id":"`` present and ``"id"`` occurring once). Rows where that is ambiguous
+   (a nested key of the same name, odd spacing) and chunks Polars refuses (invalid JSON somewhere: the chunk
+   is bisected to isolate the bad rows) go to the slow path.
+3. Slow path (rare): :func:`tasks.contract.parse_payload` per row, producing the same columns.
+4. The contract rules run as one Polars expression chain; the first failing field (contract order) wins.
+
+Then, in this order: window (local date of ``occurred_at`` in ``timezone`` within the window, else
+rejected), de-duplication by event id (latest ``occurred_at`` wins, ties -> highest ``_seq``; the others go to
+rejects as ``duplicates``), the currency rule (per customer-week the currency with most events wins, ties ->
+alphabetical; other currencies' events are rejected), then aggregation.
+
+``Total_Amount__c`` = sum(purchase + subscription_renewal amounts) - sum(refund amounts); summed exactly in
+integer micro-units (amount rounded to 6 decimals) and rounded to 2 decimals at the end, so the figure does not
+depend on row order. Valid rows of each part are spooled to a local temporary Parquet file, so only the
+normalized valid columns (not the raw payloads) of the week are ever held in memory at once.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import tempfile
+from collections.abc import Sequence
+from datetime import date
+from pathlib import Path
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+import polars as pl
+
+from tasks.contract import (
+    AMOUNT_MAX,
+    AMOUNT_RE,
+    CONTROL_CHARS_RE,
+    CURRENCIES,
+    CURRENCY_RE,
+    CUSTOMER_ID_MAX_LEN,
+    EVENT_TYPES,
+    ID_MAX_LEN,
+    TRIM_CHARS,
+    TS_NAIVE_RE,
+    TS_RE,
+    json_text,
+    json_type,
+    parse_payload,
+)
+from tasks.errors import ConfigurationError, IntegrityError, LakeUnavailableError, RawPartError
+from tasks.lake import LakeFS
+from tasks.models import FileRef, TransformResult, Window
+
+RAW_SCHEMA: dict[str, pl.DataType] = {"_seq": pl.Int64(), "_page": pl.Int64(), "payload": pl.String()}
+TEXT_FIELDS = ("id", "customer_id", "event_type", "amount", "currency", "occurred_at", "metadata")
+_READ_SCHEMA = {name: pl.String() for name in TEXT_FIELDS}
+EXTRACT_SCHEMA: dict[str, pl.DataType] = {
+    "_seq": pl.Int64(),
+    "_page": pl.Int64(),
+    "payload": pl.String(),
+    "payload_error": pl.String(),
+    **_READ_SCHEMA,
+    "id_is_str": pl.Boolean(),
+    "customer_id_is_str": pl.Boolean(),
+    "metadata_is_obj": pl.Boolean(),
+}
+VALID_SCHEMA: dict[str, pl.DataType] = {
+    "_seq": pl.Int64(),
+    "_page": pl.Int64(),
+    "id": pl.String(),
+    "customer_id": pl.String(),
+    "event_type": pl.String(),
+    "amount": pl.Float64(),
+    "currency": pl.String(),
+    "occurred_at": pl.Datetime("us", "UTC"),
+    "metadata": pl.String(),
+}
+REJECT_SCHEMA: dict[str, pl.DataType] = {
+    "_seq": pl.Int64(),
+    "_page": pl.Int64(),
+    "event_id": pl.String(),
+    "field": pl.String(),
+    "reason": pl.String(),
+    "payload": pl.String(),
+}
+COUNT_COLUMNS = {
+    "page_view": "Page_View_Count__c",
+    "add_to_cart": "Add_To_Cart_Count__c",
+    "purchase": "Purchase_Count__c",
+    "refund": "Refund_Count__c",
+    "subscription_renewal": "Subscription_Renewal_Count__c",
+}
+METRICS_SCHEMA: dict[str, pl.DataType] = {
+    "External_Id__c": pl.String(),
+    "Customer_Id__c": pl.String(),
+    "Week_Start__c": pl.Date(),
+    **{col: pl.Int64() for col in COUNT_COLUMNS.values()},
+    "Event_Count__c": pl.Int64(),
+    "Total_Amount__c": pl.Float64(),
+    "Currency__c": pl.String(),
+    "Last_Event_At__c": pl.Datetime("us", "UTC"),
+}
+DUPLICATE_REASON = "duplicate of a later record"
+CHUNK_ROWS = 100_000
+_SLOW_CHUNK = 256
+
+_log = logging.getLogger(__name__)
+
+
+# --- extraction: payload text -> one String column per contract field ----------------------------
+
+
+def _slow_extract(frame: pl.DataFrame) -> pl.DataFrame:
+    """Per-row path with the contract's own JSON parser (rare rows only)."""
+    rows = []
+    for seq, page, payload in frame.select("_seq", "_page", "payload").iter_rows():
+        try:
+            value = parse_payload(payload)
+        except ValueError as exc:
+            rows.append((seq, page, payload, str(exc)) + (None,) * 10)
+            continue
+        if not isinstance(value, dict):
+            error = f"payload must be a JSON object, got {json_type(value)}"
+            rows.append((seq, page, payload, error) + (None,) * 10)
+            continue
+        texts = tuple(json_text(value.get(name)) for name in TEXT_FIELDS)
+        flags = (
+            isinstance(value.get("id"), str),
+            isinstance(value.get("customer_id"), str),
+            isinstance(value.get("metadata"), dict),
+        )
+        rows.append((seq, page, payload, None) + texts + flags)
+    return pl.DataFrame(rows, schema=EXTRACT_SCHEMA, orient="row")
+
+
+def _read_ndjson(payloads: pl.DataFrame) -> pl.DataFrame | None:
+    """All-String read of payload lines; None when Polars refuses the block (invalid JSON in it)."""
+    buf = io.BytesIO()
+    payloads.select("payload").write_csv(buf, include_header=False, quote_style="never")
+    try:
+        out = pl.read_ndjson(io.BytesIO(buf.getvalue()), schema=_READ_SCHEMA, ignore_errors=True)
+    except pl.exceptions.PolarsError:
+        return None
+    return out if out.height == payloads.height else None
+
+
+def _key_checks(key: str, kind: str) -> pl.Expr:
+    """True when the raw text shows, unambiguously, that top-level ``key`` holds a string ("s") or object ("o")."""
+    token = f'"{key}"'
+    opener = '"' if kind == "s" else "{"
+    p = pl.col("payload")
+    return (p.str.count_matches(token, literal=True) == 1) & (
+        p.str.contains(f"{token}:{opener}", literal=True) | p.str.contains(f"{token}: {opener}", literal=True)
+    )
+
+
+def _fast_extract(frame: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """Returns (extracted rows, rows left for the slow path)."""
+    decoded = _read_ndjson(frame)
+    if decoded is None:
+        if frame.height <= _SLOW_CHUNK:
+            return frame.clear().select("_seq", "_page", "payload").pipe(_empty_extract), frame
+        half = frame.height // 2
+        a_ok, a_slow = _fast_extract(frame.slice(0, half))
+        b_ok, b_slow = _fast_extract(frame.slice(half))
+        return pl.concat([a_ok, b_ok]), pl.concat([a_slow, b_slow])
+    both = pl.concat([frame.select("_seq", "_page", "payload"), decoded], how="horizontal").with_columns(
+        pl.lit(None, pl.String).alias("payload_error"),
+        _key_checks("id", "s").alias("id_is_str"),
+        _key_checks("customer_id", "s").alias("customer_id_is_str"),
+        _key_checks("metadata", "o").alias("metadata_is_obj"),
+    )
+    ambiguous = (
+        (pl.col("id").is_not_null() & ~pl.col("id_is_str"))
+        | (pl.col("customer_id").is_not_null() & ~pl.col("customer_id_is_str"))
+        | (pl.col("metadata").is_not_null() & ~pl.col("metadata_is_obj"))
+    )
+    both = both.with_columns(ambiguous.alias("_ambiguous"))
+    slow = both.filter(pl.col("_ambiguous")).select("_seq", "_page", "payload")
+    ok = both.filter(~pl.col("_ambiguous")).select(list(EXTRACT_SCHEMA))
+    return ok, slow
+
+
+def _empty_extract(frame: pl.DataFrame) -> pl.DataFrame:
+    return pl.DataFrame(schema=EXTRACT_SCHEMA)
+
+
+def extract_fields(raw: pl.DataFrame) -> pl.DataFrame:
+    """Raw rows (``_seq``, ``_page``, ``payload``) -> EXTRACT_SCHEMA, one row per input row, sorted by ``_seq``."""
+    p = pl.col("payload")
+    needs_slow = (
+        p.is_null()
+        | ~p.str.strip_chars(" \t").str.starts_with("{")
+        | p.str.contains("\n", literal=True)
+        | p.str.contains("\r", literal=True)
+        | p.str.contains("\\u", literal=True)
+    ).fill_null(True)
+    flagged = raw.with_columns(needs_slow.alias("_slow"))
+    slow = flagged.filter(pl.col("_slow")).select("_seq", "_page", "payload")
+    fast = flagged.filter(~pl.col("_slow")).select("_seq", "_page", "payload")
+    parts = []
+    if fast.height:
+        ok, more_slow = _fast_extract(fast)
+        parts.append(ok)
+        slow = pl.concat([slow, more_slow])
+    if slow.height:
+        parts.append(_slow_extract(slow))
+    if not parts:
+        return pl.DataFrame(schema=EXTRACT_SCHEMA)
+    return pl.concat(parts).sort("_seq")
+
+
+# --- validation: the contract as Polars expressions ----------------------------------------------
+
+
+def _got(expr: pl.Expr, limit: int = 60) -> pl.Expr:
+    text = expr.fill_null("null")
+    return pl.when(text.str.len_chars() > limit).then(text.str.slice(0, limit - 3) + "...").otherwise(text)
+
+
+def _checks() -> list[tuple[str, pl.Expr, pl.Expr]]:
+    """(field, failing condition, reason) in contract order; conditions are evaluated null-safe."""
+    checks: list[tuple[str, pl.Expr, pl.Expr]] = [
+        ("payload", pl.col("payload_error").is_not_null(), pl.col("payload_error")),
+    ]
+    for name, max_len in (("id", ID_MAX_LEN), ("customer_id", CUSTOMER_ID_MAX_LEN)):
+        raw = pl.col(name)
+        text = raw.str.strip_chars(TRIM_CHARS)
+        checks += [
+            (name, raw.is_null(), pl.lit(f"{name} is required")),
+            (name, ~pl.col(f"{name}_is_str"), pl.lit(f"{name} must be a string, got ") + _got(raw)),
+            (name, text.str.len_chars() == 0, pl.lit(f"{name} must not be empty")),
+            (
+                name,
+                text.str.len_chars() > max_len,
+                pl.lit(f"{name} must be at most {max_len} characters, got ") + text.str.len_chars().cast(pl.String),
+            ),
+            (
+                name,
+                text.str.contains(CONTROL_CHARS_RE),
+                pl.lit(f"{name} must not contain control characters, got ") + _got(text),
+            ),
+        ]
+    event_type = pl.col("event_type")
+    checks += [
+        ("event_type", event_type.is_null(), pl.lit("event_type is required")),
+        (
+            "event_type",
+            ~event_type.str.strip_chars(TRIM_CHARS).is_in(EVENT_TYPES),
+            pl.lit(f"event_type must be one of {', '.join(EVENT_TYPES)}, got ") + _got(event_type),
+        ),
+    ]
+    amount = pl.col("amount")
+    amount_text = amount.str.strip_chars(TRIM_CHARS)
+    value = pl.col("_amount")
+    checks += [
+        ("amount", amount.is_null(), pl.lit("amount is required")),
+        ("amount", ~amount_text.str.contains(AMOUNT_RE), pl.lit("amount must be a number, got ") + _got(amount)),
+        ("amount", ~value.is_finite(), pl.lit("amount must be finite, got ") + _got(amount)),
+        ("amount", value < 0, pl.lit("amount must be >= 0, got ") + _got(amount)),
+        ("amount", value >= AMOUNT_MAX, pl.lit("amount must be < 1e12, got ") + _got(amount)),
+    ]
+    currency = pl.col("currency")
+    currency_text = currency.str.strip_chars(TRIM_CHARS)
+    checks += [
+        ("currency", currency.is_null(), pl.lit("currency is required")),
+        (
+            "currency",
+            ~currency_text.str.contains(CURRENCY_RE),
+            pl.lit("currency must be a 3-letter ISO 4217 code, got ") + _got(currency),
+        ),
+        (
+            "currency",
+            ~currency_text.str.to_uppercase().is_in(CURRENCIES),
+            pl.lit("currency must be an active ISO 4217 code, got ") + currency_text.str.to_uppercase(),
+        ),
+    ]
+    ts = pl.col("occurred_at")
+    ts_text = ts.str.strip_chars(TRIM_CHARS)
+    checks += [
+        ("occurred_at", ts.is_null(), pl.lit("occurred_at is required")),
+        (
+            "occurred_at",
+            ~ts_text.str.contains(TS_RE) & ts_text.str.contains(TS_NAIVE_RE),
+            pl.lit("occurred_at must include a timezone offset (naive timestamps are rejected), got ") + _got(ts),
+        ),
+        (
+            "occurred_at",
+            ~ts_text.str.contains(TS_RE),
+            pl.lit("occurred_at must be an RFC 3339 timestamp, got ") + _got(ts),
+        ),
+        (
+            "occurred_at",
+            pl.col("_local").is_null(),
+            pl.lit("occurred_at is not a valid date and time, got ") + _got(ts),
+        ),
+        (
+            "occurred_at",
+            (pl.col("_utc") < pl.datetime(1970, 1, 1)) | (pl.col("_utc") >= pl.datetime(2100, 1, 1)),
+            pl.lit("occurred_at must be in [1970-01-01, 2100-01-01) UTC, got ") + _got(ts),
+        ),
+        (
+            "metadata",
+            pl.col("metadata").is_not_null() & ~pl.col("metadata_is_obj"),
+            pl.lit("metadata must be an object or null, got ")
+            + pl.when(pl.col("metadata").str.starts_with("[")).then(pl.lit("array")).otherwise(pl.lit("scalar")),
+        ),
+    ]
+    return checks
+
+
+def _derived() -> list[pl.Expr]:
+    """Parsed helper columns used by the checks and the normalized output."""
+    amount_text = pl.col("amount").str.strip_chars(TRIM_CHARS)
+    ts = pl.col("occurred_at").str.strip_chars(TRIM_CHARS)
+    well_formed = ts.str.contains(TS_RE)
+    local = ts.str.slice(0, 19).str.to_datetime("%Y-%m-%dT%H:%M:%S", strict=False, time_unit="us")
+    micros = ts.str.extract(r"^.{19}\.([0-9]{1,9})", 1).str.pad_end(6, "0").str.slice(0, 6).cast(pl.Int64).fill_null(0)
+    zone = ts.str.extract(r"(Z|[+-][0-9]{2}:[0-9]{2})$", 1)
+    sign = pl.when(zone.str.starts_with("-")).then(-1).otherwise(1)
+    offset = (
+        pl.when(zone == "Z")
+        .then(0)
+        .otherwise(sign * (zone.str.slice(1, 2).cast(pl.Int64) * 60 + zone.str.slice(4, 2).cast(pl.Int64)))
+    )
+    return [
+        pl.when(amount_text.str.contains(AMOUNT_RE)).then(amount_text.cast(pl.Float64, strict=False)).alias("_amount"),
+        pl.when(well_formed).then(local).alias("_local"),
+        pl.when(well_formed).then(local + pl.duration(microseconds=micros) - pl.duration(minutes=offset)).alias("_utc"),
+    ]
+
+
+def validate_fields(extracted: pl.DataFrame) -> pl.DataFrame:
+    """EXTRACT_SCHEMA -> same rows with ``_field``/``_reason`` (null when valid) and normalized VALID_SCHEMA columns."""
+    checks = _checks()
+    field_expr: pl.Expr | None = None
+    reason_expr: pl.Expr | None = None
+    for field, condition, reason in checks:
+        cond = condition.fill_null(False)
+        if field_expr is None:
+            field_chain = pl.when(cond).then(pl.lit(field))
+            reason_chain = pl.when(cond).then(reason)
+        else:
+            field_chain = field_chain.when(cond).then(pl.lit(field))  # type: ignore[union-attr]
+            reason_chain = reason_chain.when(cond).then(reason)  # type: ignore[union-attr]
+        field_expr, reason_expr = field_chain, reason_chain
+    assert field_expr is not None and reason_expr is not None
+    return (
+        extracted.with_columns(_derived())
+        .with_columns(
+            field_expr.otherwise(pl.lit(None, pl.String)).alias("_field"),
+            reason_expr.otherwise(pl.lit(None, pl.String)).alias("_reason"),
+        )
+        .with_columns(
+            pl.col("id").str.strip_chars(TRIM_CHARS),
+            pl.col("customer_id").str.strip_chars(TRIM_CHARS),
+            pl.col("event_type").str.strip_chars(TRIM_CHARS),
+            pl.col("_amount").alias("amount"),
+            pl.col("currency").str.strip_chars(TRIM_CHARS).str.to_uppercase(),
+            pl.col("_utc").dt.replace_time_zone("UTC").alias("occurred_at"),
+        )
+    )
+
+
+def _reject_rows(frame: pl.DataFrame, field: pl.Expr, reason: pl.Expr) -> pl.DataFrame:
+    event_id = pl.when(pl.col("id_is_str")).then(pl.col("id")) if "id_is_str" in frame.columns else pl.col("id")
+    return frame.select(
+        "_seq", "_page", event_id.alias("event_id"), field.alias("field"), reason.alias("reason"), "payload"
+    ).cast(REJECT_SCHEMA)
+
+
+# --- the stage ------------------------------------------------------------------------------------
+
+
+def _read_raw(lake: LakeFS, url: str) -> pl.DataFrame:
+    try:
+        frame = lake.read_parquet(url)
+    except FileNotFoundError as exc:
+        raise RawPartError(url, "raw part does not exist") from exc
+    except (ConnectionError, TimeoutError) as exc:
+        raise LakeUnavailableError(f"lake unreachable while reading raw part {url}") from exc
+    except (pl.exceptions.PolarsError, OSError, ValueError) as exc:
+        raise RawPartError(url, f"raw part is not readable Parquet ({type(exc).__name__})") from exc
+    missing = [name for name in RAW_SCHEMA if name not in frame.columns]
+    if missing:
+        raise RawPartError(url, f"raw part lacks the raw column(s) {', '.join(missing)}")
+    try:
+        return frame.select(pl.col(name).cast(dtype, strict=True) for name, dtype in RAW_SCHEMA.items())
+    except pl.exceptions.PolarsError as exc:
+        raise RawPartError(url, f"raw part has wrong column types {dict(frame.schema)}") from exc
+
+
+def _window_check(frame: pl.DataFrame, window: Window, timezone: str) -> tuple[pl.DataFrame, pl.DataFrame]:
+    local_day = pl.col("occurred_at").dt.convert_time_zone(timezone).dt.date()
+    inside = local_day.is_between(pl.lit(window.start), pl.lit(window.end), closed="both")
+    flagged = frame.with_columns(inside.alias("_inside"), local_day.cast(pl.String).alias("_day"))
+    reason = pl.lit(
+        f"occurred_at is outside the batch window {window.start}..{window.end} ({timezone}), got "
+    ) + pl.col("_day")
+    outside = _reject_rows(flagged.filter(~pl.col("_inside")), pl.lit("occurred_at"), reason)
+    return flagged.filter(pl.col("_inside")).drop("_inside", "_day"), outside
+
+
+def transform_week(
+    lake: LakeFS,
+    raw_files: Sequence[FileRef] | Sequence[str],
+    window: Window,
+    out_prefix: str,
+    *,
+    timezone: str = "UTC",
+    logger: logging.Logger | logging.LoggerAdapter | None = None,
+) -> TransformResult:
+    """Validate, de-duplicate and aggregate one week of raw parts; write valid/rejects/metrics Parquet files."""
+    log = logger or _log
+    try:
+        ZoneInfo(timezone)
+    except (ZoneInfoNotFoundError, ValueError) as exc:
+        raise ConfigurationError("timezone", f"unknown IANA timezone {timezone!r}") from exc
+    urls = [ref.url if isinstance(ref, FileRef) else str(ref) for ref in raw_files]
+    fetched = 0
+    contract_rejects: list[pl.DataFrame] = []
+    with tempfile.TemporaryDirectory(prefix="transform-") as spool_dir:
+        spool = Path(spool_dir)
+        for part_no, url in enumerate(urls):
+            raw = _read_raw(lake, url)
+            fetched += raw.height
+            for offset in range(0, raw.height, CHUNK_ROWS):
+                chunk = raw.slice(offset, CHUNK_ROWS)
+                checked = validate_fields(extract_fields(chunk))
+                bad = checked.filter(pl.col("_field").is_not_null())
+                contract_rejects.append(_reject_rows(bad, pl.col("_field"), pl.col("_reason")))
+                good = checked.filter(pl.col("_field").is_null()).select(*VALID_SCHEMA, "payload")
+                good, outside = _window_check(good, window, timezone)
+                contract_rejects.append(outside)
+                good.write_parquet(spool / f"{part_no:06d}-{offset:012d}.parquet")
+            log.info("validated raw part %d/%d (%d rows)", part_no + 1, len(urls), raw.height)
+            del raw
+        spooled = sorted(spool.glob("*.parquet"))
+        scan = (
+            pl.scan_parquet(spooled, schema={**VALID_SCHEMA, "payload": pl.String()})
+            if spooled
+            else pl.LazyFrame(schema={**VALID_SCHEMA, "payload": pl.String()})
+        )
+        valid = scan.drop("payload").collect()
+
+        # De-duplicate: latest occurred_at wins, ties -> highest _seq (received last).
+        ranked = valid.sort(["id", "occurred_at", "_seq"], descending=[False, True, True])
+        superseded = ranked.filter(~pl.col("id").is_first_distinct()).get_column("_seq")
+        valid = ranked.filter(pl.col("id").is_first_distinct())
+
+        # Currency: per customer-week keep the currency with most events (ties -> alphabetical).
+        dominant = (
+            valid.group_by("customer_id", "currency")
+            .len()
+            .sort(["customer_id", "len", "currency"], descending=[False, True, False])
+            .group_by("customer_id", maintain_order=True)
+            .first()
+            .select("customer_id", pl.col("currency").alias("_dominant"))
+        )
+        valid = valid.join(dominant, on="customer_id", how="left")
+        mixed = valid.filter(pl.col("currency") != pl.col("_dominant")).select("_seq", "id", "currency", "_dominant")
+        valid = valid.filter(pl.col("currency") == pl.col("_dominant")).drop("_dominant").sort("_seq")
+
+        wanted = pl.concat([superseded, mixed.get_column("_seq")])
+        payloads = scan.select("_seq", "_page", "payload").filter(pl.col("_seq").is_in(wanted.implode())).collect()
+        dup_rejects = _reject_rows(
+            payloads.filter(pl.col("_seq").is_in(superseded.implode())).join(
+                ranked.select("_seq", "id"), on="_seq", how="left"
+            ),
+            pl.lit("id"),
+            pl.lit(DUPLICATE_REASON),
+        )
+        currency_rejects = _reject_rows(
+            payloads.join(mixed, on="_seq", how="inner"),
+            pl.lit("currency"),
+            pl.lit("customer mixes currencies in the week, kept the dominant currency ")
+            + pl.col("_dominant")
+            + pl.lit(" (most events, ties alphabetical), got ")
+            + pl.col("currency"),
+        )
+    counted = pl.concat([*contract_rejects, currency_rejects], how="vertical")
+    rejects = pl.concat([counted, dup_rejects]).sort("_seq")
+    rejected, duplicates = counted.height, dup_rejects.height
+    if fetched != valid.height + rejected + duplicates:
+        raise IntegrityError(
+            f"transform lost or duplicated rows: fetched {fetched} != valid {valid.height} + rejected {rejected} "
+            f"+ duplicates {duplicates}"
+        )
+    if rejects.get_column("_seq").n_unique() != rejects.height:
+        raise IntegrityError("transform rejected the same record twice")
+
+    metrics = aggregate_metrics(valid, window)
+    top = (
+        counted.group_by(pl.col("field") + pl.lit(": ") + pl.col("reason").str.split(", got ").list.first())
+        .len()
+        .sort(["len", "field"], descending=[True, False])
+        .head(10)
+    )
+    prefix = out_prefix.rstrip("/")
+    valid_ref = lake.write_parquet(valid.select(list(VALID_SCHEMA)), f"{prefix}/valid.parquet")
+    rejects_ref = lake.write_parquet(rejects, f"{prefix}/rejects.parquet")
+    metrics_ref = lake.write_parquet(metrics, f"{prefix}/metrics.parquet")
+    log.info(
+        "transform %s: fetched=%d valid=%d rejected=%d duplicates=%d customers=%d",
+        window.label,
+        fetched,
+        valid.height,
+        rejected,
+        duplicates,
+        metrics.height,
+    )
+    return TransformResult(
+        window=window,
+        fetched=fetched,
+        valid=valid_ref,
+        rejects=rejects_ref,
+        metrics=metrics_ref,
+        rejected=rejected,
+        duplicates=duplicates,
+        top_reject_reasons=[(key, int(n)) for key, n in top.iter_rows()],
+    )
+
+
+def aggregate_metrics(valid: pl.DataFrame, window: Window) -> pl.DataFrame:
+    """One row per customer for the week, Salesforce API names, sorted by ``External_Id__c``."""
+    week: date = window.start
+    micro = (pl.col("amount") * 1_000_000).round(0).cast(pl.Int128)
+    plus = pl.col("event_type").is_in(["purchase", "subscription_renewal"])
+    minus = pl.col("event_type") == "refund"
+    metrics = (
+        valid.group_by("customer_id")
+        .agg(
+            *[(pl.col("event_type") == kind).sum().cast(pl.Int64).alias(col) for kind, col in COUNT_COLUMNS.items()],
+            pl.len().cast(pl.Int64).alias("Event_Count__c"),
+            micro.filter(plus).sum().alias("_plus"),
+            micro.filter(minus).sum().alias("_minus"),
+            pl.col("currency").first().alias("Currency__c"),
+            pl.col("occurred_at").max().alias("Last_Event_At__c"),
+        )
+        .with_columns(
+            (pl.col("customer_id") + pl.lit(f"-{week.isoformat()}")).alias("External_Id__c"),
+            pl.col("customer_id").alias("Customer_Id__c"),
+            pl.lit(week).alias("Week_Start__c"),
+            ((pl.col("_plus") - pl.col("_minus")).cast(pl.Float64) / 1_000_000).round(2).alias("Total_Amount__c"),
+        )
+    )
+    return metrics.select(list(METRICS_SCHEMA)).cast(METRICS_SCHEMA).sort("External_Id__c")
