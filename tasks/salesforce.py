@@ -193,8 +193,8 @@ def connect(creds: SalesforceCredentials, *, session: requests.Session | None = 
             session=session,
         )
     except SalesforceAuthenticationFailed as exc:
-        code = getattr(exc, "status", None)
-        detail = _scrub(str(getattr(exc, "content", "")), secrets)[:300]
+        code = getattr(exc, "code", None)
+        detail = _scrub(str(getattr(exc, "auth_message", "")), secrets)[:300]
         if isinstance(code, int) and code >= 500:
             raise SalesforceUnavailableError(f"Salesforce login answered HTTP {code}") from None
         raise SalesforceAuthError(
@@ -453,7 +453,7 @@ class _Bulk:
         data = self.call(f"{kind} of job {job_id}", fetch, idempotent=True)
         if not data.strip():
             return pl.DataFrame()
-        return pl.read_csv(io.BytesIO(data), infer_schema=False, missing_utf8_is_empty_string=True)
+        return pl.read_csv(io.BytesIO(data), infer_schema=False)
 
 
 @dataclass
