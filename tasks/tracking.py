@@ -803,7 +803,7 @@ PENDING_OPS = tuple(_OPS)
 
 def _json_default(value: Any) -> Any:
     if isinstance(value, datetime):
-        return _now(value).isoformat() if value.tzinfo else value.isoformat()
+        return _now(value).isoformat()  # naive datetimes are refused here, not at replay time
     if isinstance(value, date):
         return value.isoformat()
     if isinstance(value, StrEnum):

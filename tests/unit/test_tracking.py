@@ -493,3 +493,24 @@ def test_pending_queue_on_other_lakes(kind: str, tmp_path) -> None:
     if kind == "future":
         assert {"write_json_atomic", "read_json", "list", "delete"} <= set(lake.calls)
     engine.dispose()
+
+
+def test_sqlite_lock_contention_is_unavailable_and_naive_times_are_refused(tmp_path, lake: LakeFS) -> None:
+    path = tmp_path / "locked.db"
+    engine = make_engine(f"sqlite:///{path}", connect_args={"timeout": 0.05})
+    tr.ensure_schema(engine)
+    import sqlite3
+
+    holder = sqlite3.connect(path, isolation_level=None)
+    holder.execute("BEGIN EXCLUSIVE")
+    try:
+        with pytest.raises(DatabaseUnavailableError, match="locked"):
+            tr.advance_checkpoint(engine, P, W2, "r")
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    assert tr.advance_checkpoint(engine, P, W2, "r") == W2
+    with pytest.raises(TrackingError, match="timezone"):
+        tr.queue_pending(lake, P, "advance_checkpoint", {"next_week_start": W3, "now": datetime(2026, 1, 1)})
+    assert tr.pending_items(lake, P) == []
+    engine.dispose()
