@@ -418,7 +418,8 @@ def build_marts(
     logger: Logger | None = None,
 ) -> MartBuild:
     """Staging -> intermediate -> marts. ``sales_since`` (a raw ``_loaded_at``) makes ``fct_sales`` incremental:
-    only items whose own row, order or product was loaded into raw at or after it are rebuilt.
+    only items whose own row, order or product was loaded into raw after it are rebuilt
+    (raw loads and builds are serialized by the flow: one run at a time).
     """
     log = logger or logging.getLogger(__name__)
     settings = settings or ModelSettings()
@@ -430,12 +431,11 @@ def build_marts(
     orders_totals = fct_orders(orders, items)
     orders_for_dim = orders.join(orders_totals.select("order_id", "valid_total"), on="order_id", how="left")
     if sales_since is not None:
-        changed_orders = raw["orders"].filter(pl.col("_loaded_at") >= sales_since).get_column("order_id").implode()
-        changed_products = (
-            raw["products"].filter(pl.col("_loaded_at") >= sales_since).get_column("product_id").implode()
-        )
+        sales_since = sales_since.astimezone(UTC)
+        changed_orders = raw["orders"].filter(pl.col("_loaded_at") > sales_since).get_column("order_id").implode()
+        changed_products = raw["products"].filter(pl.col("_loaded_at") > sales_since).get_column("product_id").implode()
         enriched = enriched.filter(
-            (pl.col("_loaded_at") >= sales_since)
+            (pl.col("_loaded_at") > sales_since)
             | pl.col("order_id").is_in(changed_orders)
             | pl.col("product_id").is_in(changed_products)
         )

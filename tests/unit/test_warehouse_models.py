@@ -111,6 +111,7 @@ def test_pricing_tier_boundaries():
 
 def test_incremental_fct_sales_rebuilds_only_items_touched_since(source):
     later = AS_OF + timedelta(hours=1)
+    since = AS_OF + timedelta(minutes=30)
     raw = _raw(source)
     raw["order_items"] = raw["order_items"].with_columns(
         _loaded_at=pl.when(pl.col("order_item_id") <= 5).then(pl.lit(later)).otherwise(pl.col("_loaded_at"))
@@ -118,7 +119,7 @@ def test_incremental_fct_sales_rebuilds_only_items_touched_since(source):
     raw["orders"] = raw["orders"].with_columns(
         _loaded_at=pl.when(pl.col("order_id") == 10).then(pl.lit(later)).otherwise(pl.col("_loaded_at"))
     )
-    b = build_marts(raw, as_of=AS_OF, sales_since=later)
+    b = build_marts(raw, as_of=AS_OF, sales_since=since)
     expected = source["order_items"].filter((pl.col("order_item_id") <= 5) | (pl.col("order_id") == 10))
     assert set(b.frames["fct_sales"].get_column("order_item_id")) == set(expected.get_column("order_item_id"))
     assert b.full["fct_sales"] is False and b.full["fct_orders"] is True
