@@ -348,12 +348,14 @@ class Stats:
     """What the server answered. ``log`` keeps the last requests as ``(status, path, query)``."""
 
     requests: int = 0
+    in_flight: int = 0
     pages: int = 0
     rows: int = 0
     by_status: collections.Counter = field(default_factory=collections.Counter)
     log: collections.deque = field(default_factory=lambda: collections.deque(maxlen=2000))
 
     def reset(self) -> None:
+        """Zero the counters (``in_flight`` is live state and is kept)."""
         self.requests = self.pages = self.rows = 0
         self.by_status.clear()
         self.log.clear()
@@ -477,7 +479,11 @@ def create_app(config: DemoConfig | None = None) -> Starlette:
     async def events(request: Request) -> Response:
         stats = cfg.stats
         stats.requests += 1
-        response = await _events(request)
+        stats.in_flight += 1
+        try:
+            response = await _events(request)
+        finally:
+            stats.in_flight -= 1
         stats.by_status[response.status_code] += 1
         stats.log.append((response.status_code, request.url.path, request.url.query))
         return response
@@ -489,10 +495,12 @@ def create_app(config: DemoConfig | None = None) -> Starlette:
             return _json({"error": f"unknown pagination style {style!r}"}, 404)
         if not _authorized(cfg, request):
             return _json({"error": "unauthorized"}, 401, {"WWW-Authenticate": "Bearer"})
-        if faults.slow_times > 0:
+        slow = faults.slow_times > 0
+        if slow:
             faults.slow_times -= 1
             await asyncio.sleep(faults.slow_seconds)
-        if faults.rate_limit_times > 0:
+        # a slow answer is only slow: it does not consume other faults (tests may have flipped them meanwhile)
+        if faults.rate_limit_times > 0 and not slow:
             faults.rate_limit_times -= 1
             headers = {}
             if faults.retry_after_http_date_in is not None:
@@ -501,7 +509,7 @@ def create_app(config: DemoConfig | None = None) -> Starlette:
             elif faults.retry_after is not None:
                 headers["Retry-After"] = str(faults.retry_after)
             return _json({"error": "rate limited"}, 429, headers)
-        if faults.error_times > 0:
+        if faults.error_times > 0 and not slow:
             faults.error_times -= 1
             return _json({"error": "server error"}, faults.error_status)
         try:
@@ -531,7 +539,7 @@ def create_app(config: DemoConfig | None = None) -> Starlette:
             return _json({"error": str(exc)}, 400)
 
         page_index = offset // limit
-        if faults.fail_on_page is not None and faults.fail_on_page == page_index and faults.fail_on_page_times > 0:
+        if not slow and faults.fail_on_page == page_index and faults.fail_on_page_times > 0:
             faults.fail_on_page_times -= 1
             return _json({"error": f"failure injected on page {page_index}"}, faults.fail_on_page_status)
 
@@ -551,7 +559,7 @@ def create_app(config: DemoConfig | None = None) -> Starlette:
             next_offset = offset
 
         key = cfg.records_key
-        if faults.missing_key_times > 0:
+        if faults.missing_key_times > 0 and not slow:
             faults.missing_key_times -= 1
             key = faults.missing_key_replacement
         headers: dict[str, str] = {}
@@ -570,7 +578,7 @@ def create_app(config: DemoConfig | None = None) -> Starlette:
                 links.append(f'<{_page_url(request, base, next_offset // limit + 1, limit)}>; rel="next"')
             headers["Link"] = ", ".join(links)
         payload = orjson.dumps(body)
-        if faults.truncate_times > 0:
+        if faults.truncate_times > 0 and not slow:
             faults.truncate_times -= 1
             payload = payload[: max(1, len(payload) // 2)]
         cfg.stats.pages += 1
@@ -604,7 +612,8 @@ def serve(app: Any, host: str = "127.0.0.1", port: int = 0, *, log_level: str = 
     """Run ``app`` with uvicorn in a daemon thread; yield its base URL once it accepts connections."""
     import uvicorn
 
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    # proto=IPPROTO_TCP matters: asyncio only sets TCP_NODELAY on such sockets (else Nagle + delayed ACK = 40 ms)
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((host, port))
     bound_port = sock.getsockname()[1]

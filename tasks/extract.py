@@ -439,9 +439,10 @@ class _Fetcher:
             )
 
     def _attempt(self, url: str, params: dict[str, Any] | None, page_no: int) -> tuple[httpx.Response, Any]:
-        request = self.client.build_request(
-            "GET", url, params=params, headers=self.headers, timeout=self.source.timeout_seconds
-        )
+        target = httpx.URL(url)
+        if params:  # merge, so a query already in the endpoint (e.g. ?api_version=2) is kept
+            target = target.copy_merge_params(params)
+        request = self.client.build_request("GET", target, headers=self.headers, timeout=self.source.timeout_seconds)
         self.limiter.acquire()
         try:
             response = self.client.send(request)

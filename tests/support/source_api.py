@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import date
@@ -39,6 +40,11 @@ class SourceApiServer:
         return f"{self.base_url}/{style}/events" if style else f"{self.base_url}/events"
 
     def reset(self) -> None:
+        # let requests still running from the previous test (e.g. a slow page the client gave up on) finish first,
+        # so they neither consume the next test's faults nor count in its stats
+        deadline = time.monotonic() + 10
+        while self.config.stats.in_flight and time.monotonic() < deadline:
+            time.sleep(0.01)
         fresh = DemoConfig(total=DEFAULT_TOTAL)
         for name in ("total", "seed", "invalid_ratio", "duplicate_ratio", "customers", "tz", "pagination"):
             setattr(self.config, name, getattr(fresh, name))

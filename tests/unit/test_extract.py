@@ -1,0 +1,478 @@
+"""EXTRACT against the real demo API (tasks.demo_source on 127.0.0.1), plus pure paginator/backoff logic."""
+
+from __future__ import annotations
+
+import logging
+import time
+from datetime import UTC, date, datetime, timedelta
+from email.utils import format_datetime
+
+import httpx
+import orjson
+import polars as pl
+import pytest
+import tenacity
+
+from tasks.demo_source import EventSource
+from tasks.errors import (
+    ConfigurationError,
+    MissingRecordsKeyError,
+    PaginationLoopError,
+    RateLimitedError,
+    RetryableError,
+    SourceResponseError,
+    SourceUnavailableError,
+    is_retryable,
+)
+from tasks.extract import (
+    RAW_SCHEMA,
+    CursorPaginator,
+    LinkHeaderPaginator,
+    RateLimiter,
+    RetryAfterOrBackoff,
+    extract_window,
+    fetch_pages,
+    parse_retry_after,
+)
+from tasks.lake import LakeFS
+from tasks.models import Window
+
+WEEK = Window.for_week(date(2024, 1, 1))
+STYLES = ["page_number", "offset", "cursor", "link_header"]
+
+
+class FakeTime:
+    """Injected clock + sleep: sleeping advances the clock; every sleep is recorded."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+        self.sleeps: list[float] = []
+
+    def clock(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.sleeps.append(seconds)
+        self.now += seconds
+
+
+@pytest.fixture
+def lake(tmp_path) -> LakeFS:
+    return LakeFS(tmp_path.as_uri())
+
+
+@pytest.fixture
+def fake_time() -> FakeTime:
+    return FakeTime()
+
+
+def _read_parts(lake: LakeFS, result) -> pl.DataFrame:
+    if not result.files:
+        return pl.DataFrame(schema=RAW_SCHEMA)
+    return pl.concat([lake.read_parquet(f.url) for f in result.files])
+
+
+def _expected(total: int) -> list[dict]:
+    return EventSource(WEEK.start, total, end=WEEK.end).page(0, total)
+
+
+def _run(source, lake, fake_time, prefix="raw/2024-01-01", **kw):
+    return extract_window(source, WEEK, lake, prefix, sleep=fake_time.sleep, clock=fake_time.clock, **kw)
+
+
+# --- every pagination style, end to end ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("style", STYLES)
+def test_each_style_returns_exactly_the_served_records(source_api, make_source_api, lake, fake_time, style):
+    source_api.config.total = 1050
+    source = make_source_api(style, page_size=100, pages_per_file=4)
+    progress: list[tuple[int, int]] = []
+    result = _run(source, lake, fake_time, on_progress=lambda p, r: progress.append((p, r)))
+
+    frame = _read_parts(lake, result)
+    assert frame.schema == pl.Schema(RAW_SCHEMA)
+    assert [orjson.loads(p) for p in frame["payload"]] == _expected(1050)  # same content, same order, no loss
+    assert frame["_seq"].to_list() == list(range(1050))
+    assert frame["_page"].to_list() == [i // 100 for i in range(1050)]
+    assert (result.rows, result.pages, len(result.files)) == (1050, 11, 3)
+    assert [f.rows for f in result.files] == [400, 400, 250]
+    assert sum(f.rows for f in result.files) == result.rows
+    assert progress[-1] == (11, 1050) and len(progress) == 11
+    assert source_api.stats.requests == 11 and fake_time.sleeps == []
+
+
+@pytest.mark.parametrize("style", ["page_number", "offset"])
+def test_exact_multiple_of_page_size_ends_on_an_empty_page(source_api, make_source_api, lake, fake_time, style):
+    source_api.config.total = 300
+    result = _run(make_source_api(style, page_size=100), lake, fake_time)
+    assert (result.rows, result.pages) == (300, 4)
+    assert source_api.stats.log[-1][0] == 200 and source_api.stats.rows == 300
+
+
+@pytest.mark.parametrize("style", ["cursor", "link_header"])
+def test_empty_final_page_from_the_source(source_api, make_source_api, lake, fake_time, style):
+    source_api.config.total = 300
+    source_api.faults.empty_final_page = True
+    result = _run(make_source_api(style, page_size=100), lake, fake_time)
+    assert (result.rows, result.pages) == (300, 4)
+    assert _read_parts(lake, result).height == 300
+
+
+def test_zero_records_still_gives_a_valid_result(source_api, make_source_api, lake, fake_time):
+    source_api.config.total = 0
+    result = _run(make_source_api("cursor"), lake, fake_time)
+    assert (result.rows, result.pages, result.files) == (0, 1, [])
+    assert result.window == WEEK
+
+
+def test_record_repeated_by_the_source_is_kept_as_received(source_api, make_source_api, lake, fake_time):
+    """The client neither drops nor invents rows: a source-side repeat is passed on (transform dedupes)."""
+    source_api.config.total = 250
+    source_api.faults.repeat_record_at = 100
+    result = _run(make_source_api("page_number", page_size=100), lake, fake_time)
+    ids = [orjson.loads(p)["id"] for p in _read_parts(lake, result)["payload"]]
+    assert len(ids) == 251 and ids[99] == ids[100]
+    assert len(set(ids)) == len(set(e["id"] for e in _expected(250)))
+
+
+def test_streaming_writes_many_small_parts_and_buffers_at_most_pages_per_file(
+    source_api, make_source_api, lake, fake_time, monkeypatch
+):
+    source_api.config.total = 2000
+    source = make_source_api("offset", page_size=50, pages_per_file=3)
+    seen_heights: list[int] = []
+    real_write = lake.write_parquet
+
+    def spy(frame, rel):
+        seen_heights.append(frame.height)
+        return real_write(frame, rel)
+
+    monkeypatch.setattr(lake, "write_parquet", spy)
+    result = _run(source, lake, fake_time, prefix="raw/w1/")
+    assert result.pages == 41 and result.rows == 2000  # 40 full pages + an empty one
+    assert len(result.files) == 14  # ceil(41 / 3)
+    assert max(seen_heights) <= 3 * 50  # the buffer never held more than pages_per_file pages
+    assert sum(seen_heights) == 2000
+    assert [f.url.rsplit("/", 1)[1] for f in result.files][:2] == ["part-00000.parquet", "part-00001.parquet"]
+    assert all("/raw/w1/part-" in f.url for f in result.files)
+    assert _read_parts(lake, result)["_seq"].to_list() == list(range(2000))
+
+
+# --- retries ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("retry_after", "http_date_in", "expected_first_wait"),
+    [("3", None, 3.0), ("0", None, None), (None, None, None), (None, 120, 10.0), ("7", None, 7.0)],
+    ids=["seconds", "zero", "absent", "http-date-capped", "seconds-b"],
+)
+def test_429_then_success(source_api, make_source_api, lake, fake_time, retry_after, http_date_in, expected_first_wait):
+    source_api.config.total = 150
+    f = source_api.faults
+    f.rate_limit_times, f.retry_after, f.retry_after_http_date_in = 2, retry_after, http_date_in
+    source = make_source_api("page_number", backoff_base_seconds=0.5, backoff_max_seconds=10, max_attempts=3)
+    result = _run(source, lake, fake_time)
+    assert result.rows == 150
+    assert source_api.stats.by_status == {429: 2, 200: 2}
+    assert len(fake_time.sleeps) == 2
+    if expected_first_wait is None:  # no usable hint: backoff floor, never an instant retry
+        assert all(0.5 <= s <= 10 for s in fake_time.sleeps)
+    else:
+        assert fake_time.sleeps == [expected_first_wait, expected_first_wait]
+
+
+def test_real_short_retry_after_is_really_waited(source_api, make_source_api, lake):
+    """No injected sleep here: the real default sleep honours the server's Retry-After: 1."""
+    source_api.config.total = 20
+    source_api.faults.rate_limit_times, source_api.faults.retry_after = 1, "1"
+    t0 = time.monotonic()
+    result = extract_window(make_source_api("cursor", backoff_max_seconds=5), WEEK, lake, "raw")
+    assert result.rows == 20
+    assert time.monotonic() - t0 >= 1.0
+    assert source_api.stats.by_status == {429: 1, 200: 1}
+
+
+def test_5xx_then_success(source_api, make_source_api, lake, fake_time):
+    source_api.config.total = 150
+    source_api.faults.error_times, source_api.faults.error_status = 3, 500
+    result = _run(
+        make_source_api("offset", max_attempts=4, backoff_base_seconds=0.2, backoff_max_seconds=10), lake, fake_time
+    )
+    assert result.rows == 150
+    assert source_api.stats.by_status == {500: 3, 200: 2}
+    assert len(fake_time.sleeps) == 3 and all(s >= 0.2 for s in fake_time.sleeps)
+    assert fake_time.sleeps[2] > fake_time.sleeps[0]  # exponential
+
+
+def test_5xx_streak_beyond_budget_is_retryable_and_claims_nothing(source_api, make_source_api, lake, fake_time):
+    source_api.config.total = 1000
+    f = source_api.faults
+    f.fail_on_page, f.fail_on_page_status, f.fail_on_page_times = 6, 503, 99
+    source = make_source_api("page_number", page_size=100, pages_per_file=2, max_attempts=3)
+    with pytest.raises(SourceUnavailableError) as info:
+        _run(source, lake, fake_time, prefix="raw/try1")
+    err = info.value
+    assert isinstance(err, RetryableError) and is_retryable(err)
+    assert err.status_code == 503
+    assert "page 6" in str(err) and "HTTP 503" in str(err) and "3 attempt" in str(err)
+    assert "/page_number/events" in str(err)
+    assert source_api.stats.by_status[503] == 3
+    # once the source recovers, a rerun gets everything and only its own parts
+    f.reset()
+    result = _run(source, lake, fake_time, prefix="raw/try1")
+    assert result.rows == 1000 and _read_parts(lake, result).height == 1000
+
+
+def test_429_beyond_budget_raises_rate_limited_with_hint(source_api, make_source_api, lake, fake_time):
+    source_api.faults.rate_limit_times, source_api.faults.retry_after = 10, "2"
+    with pytest.raises(RateLimitedError) as info:
+        _run(make_source_api("cursor", max_attempts=2), lake, fake_time)
+    assert info.value.retry_after == 2.0 and info.value.status_code == 429
+    assert source_api.stats.requests == 2
+
+
+def test_timeout_then_success(source_api, make_source_api, lake, fake_time):
+    source_api.config.total = 30
+    source_api.faults.slow_times, source_api.faults.slow_seconds = 1, 1.0
+    result = _run(make_source_api("link_header", timeout_seconds=0.2), lake, fake_time)
+    assert result.rows == 30 and len(fake_time.sleeps) == 1
+
+
+def test_timeouts_beyond_budget(source_api, make_source_api, lake, fake_time):
+    source_api.faults.slow_times, source_api.faults.slow_seconds = 2, 0.6
+    with pytest.raises(SourceUnavailableError, match="ReadTimeout") as info:
+        _run(make_source_api("offset", timeout_seconds=0.2, max_attempts=2), lake, fake_time)
+    assert info.value.status_code is None
+
+
+def test_connection_refused_is_retryable(lake, fake_time, make_source_api):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    source = make_source_api("offset", base_url=f"http://127.0.0.1:{port}", max_attempts=2)
+    with pytest.raises(SourceUnavailableError, match="ConnectError"):
+        _run(source, lake, fake_time)
+
+
+# --- malformed pages --------------------------------------------------------------------------
+
+
+def test_truncated_json_is_refetched_once(source_api, make_source_api, lake, fake_time):
+    source_api.config.total = 150
+    source_api.faults.truncate_times = 1
+    result = _run(make_source_api("page_number"), lake, fake_time)
+    assert result.rows == 150 and source_api.stats.requests == 3
+
+
+def test_truncated_json_twice_fails_naming_the_page(source_api, make_source_api, lake, fake_time):
+    source_api.config.total = 150
+    source_api.faults.truncate_times = 2
+    with pytest.raises(SourceResponseError, match=r"page 0: the body is not valid JSON") as info:
+        _run(make_source_api("page_number", max_attempts=5), lake, fake_time)
+    assert not is_retryable(info.value)
+    assert source_api.stats.requests == 2
+
+
+def test_missing_records_key_lists_the_keys(source_api, make_source_api, lake, fake_time):
+    source_api.faults.missing_key_times = 1
+    with pytest.raises(MissingRecordsKeyError) as info:
+        _run(make_source_api("page_number"), lake, fake_time)
+    msg = str(info.value)
+    assert "'data'" in msg and "'items'" in msg and "'page'" in msg and "'total'" in msg and "page 0" in msg
+    assert source_api.stats.requests == 1  # not retried
+
+
+def test_records_key_not_a_list(source_api, make_source_api, lake, fake_time):
+    with pytest.raises(SourceResponseError, match="records key 'total' holds a int"):
+        _run(make_source_api("page_number", records_key="total"), lake, fake_time)
+
+
+def test_nested_records_key_and_cursor_path(source_api, make_source_api, lake, fake_time):
+    source_api.config.total = 250
+    source_api.config.cursor_path = "meta.next"
+    result = _run(make_source_api("cursor", cursor_path="meta.next"), lake, fake_time)
+    assert result.rows == 250
+
+
+def test_wrong_cursor_path_fails_instead_of_stopping_early(source_api, make_source_api, lake, fake_time):
+    source_api.config.total = 250
+    with pytest.raises(SourceResponseError, match=r"cursor path 'meta.next' is not in a full page"):
+        _run(make_source_api("cursor", cursor_path="meta.next"), lake, fake_time)
+
+
+@pytest.mark.parametrize("style", ["cursor", "link_header"])
+def test_pagination_loop_is_detected(source_api, make_source_api, lake, fake_time, style):
+    source_api.config.total = 1000
+    source_api.faults.loop_at_page = 2
+    with pytest.raises(PaginationLoopError, match="page 2"):
+        _run(make_source_api(style), lake, fake_time)
+    assert source_api.stats.requests == 3
+
+
+# --- permanent errors and auth ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["api_key", "bearer"])
+def test_auth_headers_are_sent(source_api, make_source_api, lake, fake_time, kind):
+    source_api.config.total = 120
+    source_api.config.auth, source_api.config.secret = kind, "tok-123"
+    result = _run(make_source_api("offset", auth=kind, secret="tok-123"), lake, fake_time)
+    assert result.rows == 120 and source_api.stats.by_status == {200: 2}
+
+
+def test_401_fails_at_once_with_redacted_url(source_api, make_source_api, lake, fake_time):
+    source_api.config.auth, source_api.config.secret = "bearer", "right"
+    source = make_source_api("offset", auth="bearer", secret="wrong", endpoint="/offset/events?token=hunter2")
+    with pytest.raises(SourceResponseError) as info:
+        _run(source, lake, fake_time)
+    msg = str(info.value)
+    assert info.value.status_code == 401 and "HTTP 401" in msg and not is_retryable(info.value)
+    assert "hunter2" not in msg and "wrong" not in msg and "token=***" in msg
+    assert source_api.stats.requests == 1 and fake_time.sleeps == []
+
+
+def test_404_fails_at_once_with_redacted_url(source_api, make_source_api, lake, fake_time, caplog):
+    source = make_source_api("offset", endpoint="/missing/events?api_key=hunter2")
+    with caplog.at_level(logging.DEBUG, logger="tasks.extract"), pytest.raises(SourceResponseError) as info:
+        _run(source, lake, fake_time)
+    assert info.value.status_code == 404 and "hunter2" not in str(info.value) and "api_key=***" in str(info.value)
+    assert source_api.stats.requests == 1
+    assert "hunter2" not in caplog.text
+
+
+def test_logs_one_line_per_page_and_a_summary_without_secrets(source_api, make_source_api, lake, fake_time, caplog):
+    source_api.config.total = 250
+    source = make_source_api("page_number", endpoint="/page_number/events?token=hunter2")
+    with caplog.at_level(logging.DEBUG, logger="tasks.extract"):
+        _run(source, lake, fake_time)
+    page_lines = [r for r in caplog.records if r.levelno == logging.DEBUG and r.getMessage().startswith("page ")]
+    assert len(page_lines) == 3
+    infos = [r.getMessage() for r in caplog.records if r.levelno == logging.INFO]
+    assert len(infos) == 1 and "250 rows in 3 pages" in infos[0]
+    assert "hunter2" not in caplog.text and "token=***" in caplog.text
+
+
+# --- rate limit -------------------------------------------------------------------------------
+
+
+def test_rate_limit_spaces_requests_on_the_injected_clock(source_api, make_source_api, lake, fake_time):
+    source_api.config.total = 500
+    starts: list[float] = []
+
+    def on_request(request: httpx.Request) -> None:
+        starts.append(fake_time.now)
+
+    source = make_source_api("offset", page_size=100, rate_limit_per_second=4)
+    with httpx.Client(event_hooks={"request": [on_request]}) as client:
+        result = _run(source, lake, fake_time, client=client)
+    assert result.pages == 6
+    gaps = [b - a for a, b in zip(starts, starts[1:], strict=False)]
+    assert gaps == pytest.approx([0.25] * 5)
+
+
+def test_rate_limiter_unit():
+    t = FakeTime()
+    limiter = RateLimiter(2, clock=t.clock, sleep=t.sleep)
+    limiter.acquire()
+    limiter.acquire()
+    t.now += 5  # idle time does not bank a burst beyond the next slot
+    limiter.acquire()
+    limiter.acquire()
+    assert t.sleeps == [0.5, 0.5]
+    with pytest.raises(ConfigurationError, match="rate_limit_per_second"):
+        RateLimiter(0)
+
+
+# --- pure logic (no network) ------------------------------------------------------------------
+
+
+def test_parse_retry_after():
+    now = datetime(2024, 1, 1, 12, 0, tzinfo=UTC)
+    assert parse_retry_after("5", now=now) == 5.0
+    assert parse_retry_after(" 0 ", now=now) == 0.0
+    assert parse_retry_after(format_datetime(now + timedelta(seconds=30), usegmt=True), now=now) == 30.0
+    assert parse_retry_after(format_datetime(now - timedelta(seconds=30), usegmt=True), now=now) == 0.0
+    assert parse_retry_after(None) is None and parse_retry_after("soon") is None and parse_retry_after("") is None
+    assert parse_retry_after("-3") == 0.0
+
+
+def test_wait_uses_hint_capped_else_backoff_floor():
+    wait = RetryAfterOrBackoff(0.5, 8)
+
+    def state(exc: Exception, attempt: int) -> tenacity.RetryCallState:
+        rs = tenacity.RetryCallState(tenacity.Retrying(), None, (), {})
+        rs.attempt_number = attempt
+        rs.set_exception((type(exc), exc, None))
+        return rs
+
+    class Hinted(Exception):
+        retry_after: float | None = None
+
+    e = Hinted()
+    e.retry_after = 3.0
+    assert wait(state(e, 1)) == 3.0
+    e.retry_after = 100.0
+    assert wait(state(e, 1)) == 8
+    e.retry_after = 0.0
+    assert all(0.5 <= wait(state(e, 1)) <= 1.0 for _ in range(20))
+    assert all(wait(state(e, 10)) == 8 for _ in range(5))
+
+
+def _page(body: dict, url: str, headers: dict | None = None) -> httpx.Response:
+    return httpx.Response(200, json=body, headers=headers or {}, request=httpx.Request("GET", url))
+
+
+def test_cursor_paginator_decisions(make_source_api):
+    p = CursorPaginator(make_source_api("cursor", page_size=2), WEEK)
+    url, params = p.first()
+    assert params["start"] == "2024-01-01" and params["end"] == "2024-01-07" and "cursor" not in params
+    resp = _page({}, url)
+    assert p.next(resp, {"next_cursor": "a"}, [1, 2], 0)[1]["cursor"] == "a"
+    assert p.next(resp, {"next_cursor": 7}, [1, 2], 1)[1]["cursor"] == "7"
+    assert p.next(resp, {"next_cursor": None}, [1, 2], 2) is None
+    assert p.next(resp, {"next_cursor": ""}, [], 2) is None
+    assert p.next(resp, {}, [1], 2) is None  # short page without a token: the end
+    with pytest.raises(PaginationLoopError, match="cursor 'a' again"):
+        p.next(resp, {"next_cursor": "a"}, [1, 2], 3)
+
+
+def test_link_header_paginator_follows_relative_links_and_refuses_other_hosts(make_source_api):
+    source = make_source_api("link_header", base_url="http://api.test")
+    p = LinkHeaderPaginator(source, WEEK)
+    url, _ = p.first()
+    first = _page({}, url + "?page=1", {"Link": '</link_header/events?page=2>; rel="next", <x>; rel="first"'})
+    nxt, params = p.next(first, {}, [1], 0)
+    assert nxt == "http://api.test/link_header/events?page=2" and params is None
+    second = _page({}, nxt, {"Link": '<http://api.test/link_header/events?page=1>; rel="next"'})
+    with pytest.raises(PaginationLoopError):
+        p.next(second, {}, [1], 1)
+    evil = _page({}, nxt, {"Link": '<http://evil.test/steal?page=3>; rel="next"'})
+    with pytest.raises(SourceResponseError, match="leaves the source's origin"):
+        p.next(evil, {}, [1], 1)
+    assert p.next(_page({}, nxt), {}, [1], 1) is None
+
+
+def test_mock_transport_non_object_page_and_client_reuse(make_source_api, fake_time):
+    calls: list[httpx.Request] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        calls.append(request)
+        return httpx.Response(200, json=[{"id": 1}])
+
+    source = make_source_api("offset", base_url="http://api.test", auth="api_key", secret="k1")
+    with httpx.Client(transport=httpx.MockTransport(handler)) as client:
+        with pytest.raises(MissingRecordsKeyError, match="got a JSON list"):
+            list(fetch_pages(source, WEEK, client=client, sleep=fake_time.sleep, clock=fake_time.clock))
+        assert not client.is_closed  # a caller's client is not closed by us
+    assert calls[0].headers["X-API-Key"] == "k1"
+    assert calls[0].url.params["limit"] == "100" and calls[0].url.params["offset"] == "0"
+
+
+def test_unknown_pagination_is_a_configuration_error(make_source_api, lake):
+    source = make_source_api("offset")
+    object.__setattr__(source, "pagination", "scroll")
+    with pytest.raises(ConfigurationError, match="pagination"):
+        extract_window(source, WEEK, lake, "raw")
