@@ -1,0 +1,251 @@
+"""transform_week end to end on a file:// lake: window, dedup, currency rule, metrics, determinism, bad parts."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, date, datetime
+
+import polars as pl
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from tasks.contract import validate_payload
+from tasks.errors import ConfigurationError, RawPartError
+from tasks.lake import LakeFS
+from tasks.models import Window
+from tasks.transform import METRICS_SCHEMA, REJECT_SCHEMA, VALID_SCHEMA, transform_week
+
+WEEK = Window.for_week(date(2024, 1, 1))  # Monday 2024-01-01 .. Sunday 2024-01-07
+
+
+def ev(i, customer="c_1", event_type="purchase", amount=10, currency="usd", at="2024-01-03T10:00:00Z", **extra):
+    record = {
+        "id": i,
+        "customer_id": customer,
+        "event_type": event_type,
+        "amount": amount,
+        "currency": currency,
+        "occurred_at": at,
+    }
+    record.update(extra)
+    return json.dumps(record)
+
+
+@pytest.fixture
+def lake(tmp_path):
+    return LakeFS(tmp_path.as_uri())
+
+
+def write_parts(lake, payloads, part_size=None):
+    part_size = part_size or max(len(payloads), 1)
+    refs = []
+    for n, start in enumerate(range(0, max(len(payloads), 1), part_size)):
+        chunk = payloads[start : start + part_size]
+        frame = pl.DataFrame(
+            {
+                "_seq": range(start, start + len(chunk)),
+                "_page": [start // 3 + k // 3 for k in range(len(chunk))],
+                "payload": chunk,
+            },
+            schema={"_seq": pl.Int64, "_page": pl.Int64, "payload": pl.String},
+        )
+        refs.append(lake.write_parquet(frame, f"raw/part-{n:03d}.parquet"))
+    return refs
+
+
+def run(lake, payloads, window=WEEK, tz="UTC", part_size=None, prefix="out"):
+    res = transform_week(lake, write_parts(lake, payloads, part_size), window, prefix, timezone=tz)
+    return (
+        res,
+        lake.read_parquet(res.valid.url),
+        lake.read_parquet(res.rejects.url),
+        lake.read_parquet(res.metrics.url),
+    )
+
+
+def test_schemas_and_counts(lake):
+    res, valid, rejects, metrics = run(lake, [ev("a"), ev("b", amount=-1), "[]"])
+    assert dict(valid.schema) == VALID_SCHEMA
+    assert dict(rejects.schema) == REJECT_SCHEMA
+    assert dict(metrics.schema) == METRICS_SCHEMA
+    assert (res.fetched, res.valid.rows, res.rejected, res.duplicates) == (3, 1, 2, 0)
+    assert rejects.select("_seq", "field").rows() == [(1, "amount"), (2, "payload")]
+    assert rejects.get_column("payload").to_list() == [ev("b", amount=-1), "[]"]  # raw, unchanged
+    assert rejects.get_column("event_id").to_list() == ["b", None]
+
+
+def test_dedup_latest_wins_ties_go_to_last_received(lake):
+    payloads = [
+        ev("x", amount=1, at="2024-01-03T10:00:00Z"),
+        ev("x", amount=2, at="2024-01-03T12:00:00+02:00"),  # same instant as seq 0 ... tie
+        ev("x", amount=3, at="2024-01-03T09:00:00Z"),  # older, received later
+        ev("y", amount=4, at="2024-01-04T10:00:00Z"),
+        ev("y", amount=5, at="2024-01-05T10:00:00Z"),  # newer
+    ]
+    res, valid, rejects, _ = run(lake, payloads, part_size=2)  # duplicates span parts
+    assert valid.select("id", "amount").rows() == [("x", 2.0), ("y", 5.0)]
+    dups = rejects.filter(pl.col("field") == "id")
+    assert sorted(dups.get_column("_seq").to_list()) == [0, 2, 3]
+    assert set(dups.get_column("reason")) == {"duplicate of a later record"}
+    assert (res.duplicates, res.rejected) == (3, 0)
+
+
+def test_window_edges_in_a_non_utc_timezone(lake):
+    tz = "America/New_York"  # UTC-5 in January
+    payloads = [
+        ev("mon_start", at="2024-01-01T05:00:00Z"),  # Mon 00:00 local -> in
+        ev("sun_before", at="2024-01-01T04:59:59Z"),  # Sun 23:59:59 local of the previous week -> out
+        ev("sun_end", at="2024-01-07T23:59:00-05:00"),  # Sunday 23:59 local -> in
+        ev("sun_end_utc", at="2024-01-08T04:59:59.999999Z"),  # still Sunday locally -> in
+        ev("next_mon", at="2024-01-08T05:00:00Z"),  # Monday 00:00 local -> out
+    ]
+    res, valid, rejects, _ = run(lake, payloads, tz=tz)
+    assert sorted(valid.get_column("id")) == ["mon_start", "sun_end", "sun_end_utc"]
+    out = rejects.sort("_seq")
+    assert out.get_column("event_id").to_list() == ["sun_before", "next_mon"]
+    assert set(out.get_column("field")) == {"occurred_at"}
+    assert out.get_column("reason")[0] == (
+        "occurred_at is outside the batch window 2024-01-01..2024-01-07 (America/New_York), got 2023-12-31"
+    )
+    assert res.rejected == 2
+    # the same events cut in UTC: sun_end and sun_end_utc fall on Monday 2024-01-08
+    _, valid_utc, _, _ = run(lake, payloads, tz="UTC", prefix="utc")
+    assert sorted(valid_utc.get_column("id")) == ["mon_start", "sun_before"]
+
+
+def test_currency_rule_dominant_and_alphabetical_tie(lake):
+    payloads = [
+        ev("a1", customer="a", currency="usd"),
+        ev("a2", customer="a", currency="EUR"),
+        ev("a3", customer="a", currency="eur"),  # a: EUR 2 vs USD 1 -> EUR kept
+        ev("b1", customer="b", currency="USD"),
+        ev("b2", customer="b", currency="CHF"),  # b: tie -> CHF (alphabetical) kept
+    ]
+    res, valid, rejects, metrics = run(lake, payloads)
+    assert sorted(valid.get_column("id")) == ["a2", "a3", "b2"]
+    cur = rejects.filter(pl.col("field") == "currency").sort("_seq")
+    assert cur.get_column("event_id").to_list() == ["a1", "b1"]
+    assert cur.get_column("reason")[0].endswith(
+        "kept the dominant currency EUR (most events, ties alphabetical), got USD"
+    )
+    assert metrics.select("Customer_Id__c", "Currency__c").rows() == [("a", "EUR"), ("b", "CHF")]
+    assert res.rejected == 2
+
+
+def test_metrics_match_a_hand_computation(lake):
+    payloads = [
+        ev("p1", event_type="purchase", amount=10.005, at="2024-01-02T10:00:00Z"),
+        ev("p2", event_type="purchase", amount="20.10", at="2024-01-03T10:00:00+01:00"),
+        ev("r1", event_type="refund", amount=5.5, at="2024-01-04T10:00:00Z"),
+        ev("s1", event_type="subscription_renewal", amount=9.99, at="2024-01-06T23:00:00-03:00"),
+        ev("v1", event_type="page_view", amount=0, at="2024-01-01T00:00:00Z"),
+        ev("v2", event_type="page_view", amount=100, at="2024-01-01T00:00:01Z"),  # page_view amounts never count
+        ev("k1", event_type="add_to_cart", amount=3, at="2024-01-05T00:00:00Z"),
+        ev("z1", customer="c_0", event_type="refund", amount=1.25, currency="JPY"),
+    ]
+    _, _, _, metrics = run(lake, payloads)
+    assert metrics.get_column("External_Id__c").to_list() == ["c_0-2024-01-01", "c_1-2024-01-01"]
+    row = metrics.row(1, named=True)
+    assert row == {
+        "External_Id__c": "c_1-2024-01-01",
+        "Customer_Id__c": "c_1",
+        "Week_Start__c": date(2024, 1, 1),
+        "Page_View_Count__c": 2,
+        "Add_To_Cart_Count__c": 1,
+        "Purchase_Count__c": 2,
+        "Refund_Count__c": 1,
+        "Subscription_Renewal_Count__c": 1,
+        "Event_Count__c": 7,
+        "Total_Amount__c": 34.6,  # 10.005 + 20.10 + 9.99 - 5.5 = 34.595 -> 34.6
+        "Currency__c": "USD",
+        "Last_Event_At__c": datetime(2024, 1, 7, 2, 0, tzinfo=UTC),
+    }
+    assert metrics.row(0, named=True)["Total_Amount__c"] == -1.25
+    assert metrics.row(0, named=True)["Purchase_Count__c"] == 0
+
+
+def test_same_input_gives_byte_identical_output(lake):
+    payloads = [
+        ev(f"e{i % 7}", customer=f"c_{i % 3}", amount=i / 3, at=f"2024-01-0{1 + i % 7}T1{i % 10}:00:00+01:00")
+        for i in range(50)
+    ]
+    payloads += ["{bad", ev("n", amount="NaN")]
+    first, *_ = run(lake, payloads, part_size=9, prefix="one")
+    second, *_ = run(lake, payloads, part_size=9, prefix="two")
+    for name in ("valid", "rejects", "metrics"):
+        assert getattr(first, name).sha256 == getattr(second, name).sha256
+    assert first.top_reject_reasons == second.top_reject_reasons
+
+
+def test_top_reject_reasons(lake):
+    payloads = [ev(f"n{i}", amount=-i - 1) for i in range(3)] + [ev("c", currency="zzz"), "1"]
+    res, *_ = run(lake, payloads)
+    assert res.top_reject_reasons[0] == ("amount: amount must be >= 0", 3)
+    assert len(res.top_reject_reasons) == 3
+
+
+def test_empty_input(lake):
+    res, valid, rejects, metrics = run(lake, [])
+    assert (res.fetched, valid.height, rejects.height, metrics.height) == (0, 0, 0, 0)
+    res2 = transform_week(lake, [], WEEK, "none")
+    assert res2.fetched == 0 and res2.metrics.rows == 0
+
+
+def test_bad_parts_are_named(lake):
+    with pytest.raises(RawPartError, match="missing.parquet"):
+        transform_week(lake, [lake.url("raw/missing.parquet")], WEEK, "out")
+    lake.write_bytes("raw/garbage.parquet", b"not parquet at all")
+    with pytest.raises(RawPartError, match="garbage.parquet.*not readable"):
+        transform_week(lake, [lake.url("raw/garbage.parquet")], WEEK, "out")
+    ref = lake.write_parquet(pl.DataFrame({"_seq": [0], "body": ["{}"]}), "raw/wrong.parquet")
+    with pytest.raises(RawPartError, match="wrong.parquet.*_page, payload"):
+        transform_week(lake, [ref], WEEK, "out")
+    with pytest.raises(ConfigurationError, match="timezone"):
+        transform_week(lake, [], WEEK, "out", timezone="Mars/Olympus")
+
+
+# --- property: nothing is lost, and each record's fate matches the oracle -----------------------------
+
+record_ids = st.sampled_from(["e1", "e2", "e3", " e1 ", "e4"])
+hostile = st.one_of(
+    st.builds(
+        ev,
+        record_ids,
+        customer=st.sampled_from(["c1", "c2", "", None, 5]),
+        event_type=st.sampled_from(["purchase", "refund", "page_view", "bogus"]),
+        amount=st.one_of(st.floats(-1, 1e13, allow_nan=False), st.sampled_from(["12.50", "x", None, True])),
+        currency=st.sampled_from(["usd", "eur", "USD", "xyz", 3]),
+        at=st.sampled_from(
+            [
+                "2024-01-03T10:00:00Z",
+                "2024-01-07T23:59:00-08:00",
+                "2024-01-01T00:30:00+02:00",
+                "2024-01-03T10:00:00",
+                "1999-01-01T00:00:00Z",
+                "2150-01-01T00:00:00Z",
+            ]
+        ),
+    ),
+    st.sampled_from(["{bad", "[]", '{"id": NaN}', "null", '"s"', '{"id":"e9","metadata":[1]}']),
+)
+
+
+@settings(
+    max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow]
+)
+@given(st.lists(hostile, max_size=30), st.integers(1, 10))
+def test_every_record_ends_valid_or_rejected(tmp_path_factory, payloads, part_size):
+    lake = LakeFS(tmp_path_factory.mktemp("lake").as_uri())
+    res, valid, rejects, metrics = run(lake, payloads, part_size=part_size)
+    assert res.fetched == len(payloads) == res.valid.rows + res.rejected + res.duplicates
+    seqs = sorted(valid.get_column("_seq").to_list() + rejects.get_column("_seq").to_list())
+    assert seqs == list(range(len(payloads)))  # each record exactly once
+    assert rejects.get_column("reason").null_count() == 0
+    bad = dict(zip(rejects.get_column("_seq"), rejects.get_column("field"), strict=True))
+    for seq, payload in enumerate(payloads):
+        record, field, _ = validate_payload(payload)
+        if record is None:  # contract-invalid per the oracle -> rejected for that field
+            assert bad.get(seq) == field
+    assert metrics.get_column("Event_Count__c").sum() == valid.height
+    assert valid.get_column("id").n_unique() == valid.height
