@@ -12,6 +12,29 @@ import pytest
 from sqlalchemy import Engine, create_engine
 
 
+@pytest.fixture(scope="module")
+def ingest_engine_module(pg_server: dict) -> Iterator[Engine]:
+    """Like ``ingest_engine`` but one database per test module (for read-only tests over shared seed data)."""
+    import uuid
+
+    import psycopg
+
+    from tasks.ingest_db import ensure_schema
+
+    name = f"t_{uuid.uuid4().hex[:12]}"
+    admin = {"host": pg_server["host"], "port": pg_server["port"], "user": pg_server["user"], "dbname": "postgres"}
+    with psycopg.connect(**admin, autocommit=True) as conn:
+        conn.execute(f'create database "{name}"')
+    engine = create_engine(f"postgresql+psycopg://{pg_server['user']}@{pg_server['host']}:{pg_server['port']}/{name}")
+    ensure_schema(engine)
+    try:
+        yield engine
+    finally:
+        engine.dispose()
+        with psycopg.connect(**admin, autocommit=True) as conn:
+            conn.execute(f'drop database if exists "{name}" with (force)')
+
+
 @pytest.fixture
 def ingest_engine(pg_url: str) -> Iterator[Engine]:
     """SQLAlchemy engine on the test's own database with every ingestion table created."""
