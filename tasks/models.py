@@ -3,8 +3,19 @@
 from __future__ import annotations
 
 from datetime import date, timedelta
+from enum import StrEnum
 
 from pydantic import BaseModel, ConfigDict, Field
+
+
+class RunStatus(StrEnum):
+    """Status of a run (and of a stage, which may also be SKIPPED)."""
+
+    RUNNING = "RUNNING"
+    SUCCESS = "SUCCESS"
+    SUCCESS_WITH_REJECTS = "SUCCESS_WITH_REJECTS"
+    FAILED = "FAILED"
+    SUPERSEDED = "SUPERSEDED"  # a successful run replaced by a full-refresh run of the same week
 
 
 class FileRef(BaseModel):

@@ -2,18 +2,10 @@
 
 from __future__ import annotations
 
-from enum import StrEnum
-
 from pydantic import BaseModel, Field
 
 from tasks.errors import DataQualityError
-
-
-class RunStatus(StrEnum):
-    RUNNING = "RUNNING"
-    SUCCESS = "SUCCESS"
-    SUCCESS_WITH_REJECTS = "SUCCESS_WITH_REJECTS"
-    FAILED = "FAILED"
+from tasks.models import RunStatus
 
 
 class QualityReport(BaseModel):

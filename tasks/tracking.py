@@ -45,6 +45,7 @@ from tasks.errors import (
     TrackingError,
     is_retryable,
 )
+from tasks.models import RunStatus
 from tasks.sql import run_in_transaction, safe_text
 
 _LOG = logging.getLogger(__name__)
@@ -55,13 +56,6 @@ DETAIL_LIMIT = 2000
 CHECKPOINT_DOCUMENT_LIMIT = 5000
 PENDING_ROOT = "_pending"
 _PIPELINE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$")
-
-
-class RunStatus(StrEnum):
-    RUNNING = "RUNNING"
-    SUCCESS = "SUCCESS"
-    SUCCESS_WITH_REJECTS = "SUCCESS_WITH_REJECTS"
-    FAILED = "FAILED"
 
 
 SUCCESS_STATUSES = (RunStatus.SUCCESS.value, RunStatus.SUCCESS_WITH_REJECTS.value)
@@ -356,9 +350,13 @@ def finish_run(
     failure_reason: object | None = None,
     *,
     now: datetime | None = None,
+    supersede: bool = False,
     logger: Logger | None = None,
 ) -> bool:
     """Close a RUNNING run with a final status and its counts. Returns False when it was already finished (no-op).
+
+    ``supersede=True`` (a full refresh): in the same transaction, earlier successful runs of the same week are
+    marked SUPERSEDED, so the one-success-per-week index holds and the history stays.
 
     ``counts`` keys: fetched, valid, rejected, duplicates, synced, failed_rows, reject_rate_pct (computed from
     rejected/fetched when absent). ``failure_reason`` (text or exception) is scrubbed of secrets and truncated.
@@ -372,6 +370,23 @@ def finish_run(
     values.update(status=status, ended_at=_now(now), failure_reason=clean_reason(failure_reason))
 
     def work(conn: Connection) -> bool:
+        if supersede and status in SUCCESS_STATUSES:
+            row = conn.execute(
+                sa.select(pipeline_run.c.pipeline, pipeline_run.c.week_start).where(
+                    pipeline_run.c.run_id == run_id, pipeline_run.c.status == RunStatus.RUNNING.value
+                )
+            ).first()
+            if row is not None:
+                conn.execute(
+                    pipeline_run.update()
+                    .where(
+                        pipeline_run.c.pipeline == row.pipeline,
+                        pipeline_run.c.week_start == row.week_start,
+                        pipeline_run.c.run_id != run_id,
+                        pipeline_run.c.status.in_(SUCCESS_STATUSES),
+                    )
+                    .values(status=RunStatus.SUPERSEDED.value)
+                )
         result = conn.execute(
             pipeline_run.update()
             .where(pipeline_run.c.run_id == run_id, pipeline_run.c.status == RunStatus.RUNNING.value)

@@ -67,7 +67,7 @@ def test_mssql_table_ddl() -> None:
     run = _one_line(sa.schema.CreateTable(tr.pipeline_run).compile(dialect=dialect))
     assert "started_at DATETIMEOFFSET NOT NULL" in run
     assert "failure_reason VARCHAR(2000) NULL" in run  # bounded: no VARCHAR(max)
-    assert "CHECK (status IN ('RUNNING', 'SUCCESS', 'SUCCESS_WITH_REJECTS', 'FAILED'))" in run
+    assert "CHECK (status IN ('RUNNING', 'SUCCESS', 'SUCCESS_WITH_REJECTS', 'FAILED', 'SUPERSEDED'))" in run
     stage = _one_line(sa.schema.CreateTable(tr.pipeline_stage).compile(dialect=dialect))
     assert "PRIMARY KEY (run_id, stage)" in stage and "FOREIGN KEY(run_id) REFERENCES pipeline_run (run_id)" in stage
     ckpt = _one_line(sa.schema.CreateTable(tr.pipeline_checkpoint).compile(dialect=postgresql.dialect()))

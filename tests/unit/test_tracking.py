@@ -514,3 +514,17 @@ def test_sqlite_lock_contention_is_unavailable_and_naive_times_are_refused(tmp_p
         tr.queue_pending(lake, P, "advance_checkpoint", {"next_week_start": W3, "now": datetime(2026, 1, 1)})
     assert tr.pending_items(lake, P) == []
     engine.dispose()
+
+
+def test_full_refresh_supersedes_the_earlier_success(engine: Engine) -> None:
+    week = date(2024, 1, 8)
+    first = tr.start_run(engine, "p", week)
+    assert tr.finish_run(engine, first, "SUCCESS", {"fetched": 10, "valid": 10})
+    second = tr.start_run(engine, "p", week, check_duplicate=False)
+    # Without supersede the index refuses a second success for the week ...
+    with pytest.raises(DuplicateRunError):
+        tr.finish_run(engine, second, "SUCCESS")
+    # ... with it, the earlier run is kept as history, marked SUPERSEDED, in the same transaction.
+    assert tr.finish_run(engine, second, "SUCCESS_WITH_REJECTS", {"fetched": 12, "rejected": 1}, supersede=True)
+    assert tr.get_run(engine, first).status == "SUPERSEDED"
+    assert tr.last_successful_run(engine, "p", week).run_id == second
