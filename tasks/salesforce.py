@@ -33,6 +33,7 @@ close_job, get_job, abort_job) and ``util.call_salesforce`` for result CSVs (rea
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import logging
@@ -228,6 +229,8 @@ def _to_strings(frame: pl.DataFrame, source: str) -> pl.DataFrame:
         col = pl.col(name)
         if dtype == pl.String:
             exprs.append(col)
+        elif dtype == pl.Null:  # an all-null (e.g. empty) column: the null policy below decides
+            exprs.append(col.cast(pl.String))
         elif dtype == pl.Date:
             exprs.append(col.dt.to_string("%Y-%m-%d"))
         elif isinstance(dtype, pl.Datetime):
@@ -695,6 +698,22 @@ def sync_metrics(
     bulk = _Bulk(sf, object_name, reauth, retry_attempts=retry_attempts, retry_backoff=retry_backoff, logger=log)
     outcomes: list[_JobOutcome] = []
     job_error: SalesforceSyncError | None = None
+    # Whatever happens, record what Salesforce confirmed: the snapshot then holds exactly the confirmed rows, and
+    # everything else is sent again next run.
+    persist = functools.partial(
+        _persist,
+        lake,
+        outcomes,
+        snapshot,
+        object_name=object_name,
+        out_prefix=out_prefix,
+        snapshot_rel=snapshot_rel,
+        considered=considered,
+        unchanged=unchanged,
+        sent=sent,
+        outbox_files=outbox_files,
+        logger=log,
+    )
     try:
         for chunk, data in payloads:
             outcome = _run_job(
@@ -716,22 +735,13 @@ def sync_metrics(
                     f"{outcome.error_message or 'no errorMessage given'}"
                 )
                 break
-    finally:
-        # Record whatever Salesforce confirmed, even when a later job failed or a call raised: the snapshot then
-        # holds exactly the confirmed rows, and everything else is sent again next run.
-        result = _persist(
-            lake,
-            outcomes,
-            snapshot,
-            object_name=object_name,
-            out_prefix=out_prefix,
-            snapshot_rel=snapshot_rel,
-            considered=considered,
-            unchanged=unchanged,
-            sent=sent,
-            outbox_files=outbox_files,
-            logger=log,
-        )
+    except BaseException:
+        try:
+            persist()
+        except Exception as exc:  # noqa: BLE001 - keep the original error; this one is secondary
+            log.error("could not record the confirmed Salesforce rows: %s: %s", type(exc).__name__, exc)
+        raise
+    result = persist()
     if job_error is not None:
         job_error.result = result  # type: ignore[attr-defined]
         raise job_error

@@ -406,3 +406,9 @@ def test_no_secret_in_logs(lake, fake_salesforce, fake_salesforce_session, caplo
     assert caplog.records  # something was logged
     for secret in (sf.session_id, DEFAULT_PASSWORD, DEFAULT_TOKEN):
         assert secret not in caplog.text
+
+
+def test_empty_metrics_send_nothing(lake, sf, fake_salesforce):
+    result = run(lake, metrics(0), sf)
+    assert (result.considered, result.sent, result.job_ids, result.outbox) == (0, 0, [], None)
+    assert fake_salesforce.counts["create_job"] == 0
