@@ -11,6 +11,7 @@ from blocks.lake import Lake
 from blocks.salesforce import SalesforceCredentials
 from blocks.settings import PipelineSettings
 from blocks.source import SourceApi
+from blocks.warehouse import SmtpAlertServer, WarehouseSettings
 
 SOURCE_BLOCK = "weekly-source"
 LAKE_BLOCK = "weekly-lake"
@@ -28,6 +29,8 @@ __all__ = [
     "SETTINGS_BLOCK",
     "SOURCE_BLOCK",
     "SalesforceCredentials",
+    "SmtpAlertServer",
     "SourceApi",
     "SqlAlchemyConnector",
+    "WarehouseSettings",
 ]
