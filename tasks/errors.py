@@ -254,3 +254,13 @@ class RawPartError(FatalError):
     def __init__(self, url: str, message: str) -> None:
         super().__init__(f"{redact_url(url)}: {message}")
         self.url = redact_url(url)
+
+
+# --- lake (appended by the lake module) ---------------------------------------------------------------------------
+
+
+class LakeConfigurationError(ConfigurationError):
+    """The lake's URL or credentials are wrong: missing container, refused credentials, a request the store rejects.
+
+    Fatal (a ConfigurationError); ``field`` is ``base_url`` or ``azure_credentials``.
+    """

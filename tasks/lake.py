@@ -1,69 +1,521 @@
-"""The lake: one storage abstraction over fsspec URLs (file:// by default, abfs:// for Azure).
+"""The lake: one storage abstraction over fsspec URLs (``file://`` by default, ``abfs://`` for Azure Blob / ADLS).
 
-Minimal core (write/read Parquet with SHA-256 and row counts). Owner: the lake module; other stages
-call only the methods below and never build fsspec filesystems themselves.
+Other stages call only :class:`LakeFS` and the module functions below; they never build fsspec filesystems.
+
+Integrity
+    Every write returns a :class:`~tasks.models.FileRef` (URL, rows, SHA-256, bytes) and is verified right after:
+    on blob stores the size and the ``sha256`` blob metadata are re-read (we store ``sha256`` and ``rows`` as blob
+    metadata on every write, because Content-MD5 only exists for single-shot uploads); on local disk the file is
+    re-read and hashed. A mismatch raises :class:`~tasks.errors.IntegrityError`.
+    :meth:`LakeFS.remote_sha256` answers from blob metadata (``None`` when a blob has none, e.g. it was overwritten
+    behind the lake's back) and, for local files, *computes* the hash from the bytes: no sidecar files, so
+    nothing can drift out of step with the data (local reads are cheap).
+
+Atomic single files
+    Local writes go to a hidden temp file in the same folder (``.tmp-*``, ignored by :meth:`LakeFS.list`), are
+    fsynced and then ``os.replace``-d into place (``os.link`` for :meth:`LakeFS.put_if_absent`, which fails if the
+    name exists). A blob write is one block-list commit, which Azure makes visible all at once; ``put_if_absent``
+    sends ``If-None-Match: *``. Readers therefore never see half a file.
+
+Week publishing layout (no folder renames: blob stores cannot rename folders atomically)::
+
+    <zone_prefix>/week=<YYYY-MM-DD>/_manifest.json                  commit marker: the only thing readers trust
+    <zone_prefix>/week=<YYYY-MM-DD>/attempt=<attempt>/<name>        data files of one publish attempt (staging)
+
+:func:`publish_week` copies (or adopts, when the caller already wrote them there) the data files into a fresh
+``attempt=<id>`` folder, verifies them, and then writes ``_manifest.json`` in ONE atomic write (local temp +
+``os.replace``; one blob put). The manifest lists each file's URL, rows, SHA-256 and bytes plus totals. Readers
+(:func:`read_manifest`, :func:`committed_files`, :func:`read_committed`) go through the manifest only, so they see
+the previous committed week or the new one, never half: files of a crashed attempt are simply not referenced.
+Superseded or stray attempt folders are garbage-collected only after the new manifest is committed (best effort;
+a failed clean-up is logged and retried by the next publish). One week must not be published by two writers at the
+same time (the deployment's concurrency limit guarantees this): a concurrent publish could collect the other's
+staged files.
+
+Idempotent re-runs: when the committed manifest already lists exactly the given files (same names, hashes, rows,
+sizes) and the same ``extra``, nothing is written unless a committed file is missing or its hash/size differs; such
+a file is re-uploaded from the caller's source FileRef (the local or staged copy; its bytes are checked against the
+recorded SHA-256 first) to the URL the manifest already names. :class:`PublishResult` says what was written,
+skipped, repaired and deleted.
+
+Errors (wrapped at this boundary; messages never carry connection strings, keys or SAS tokens):
+connection refused / timeouts / 5xx / 408 / 429 -> :class:`~tasks.errors.LakeUnavailableError` (retryable);
+missing container, refused credentials, other 4xx -> :class:`~tasks.errors.LakeConfigurationError` (fatal); a bad
+container name or a path-like name (``..``) -> :class:`~tasks.errors.ConfigurationError` naming the field.
+The Azure SDK's own retries are bounded (``retries``/``retry_backoff``, default 3 x ~1 s) instead of its default
+~85 s per call, so that Prefect's task retries stay in charge of long outages.
+
+Polars reads/writes go through in-memory buffers filled via fsspec; Polars' own ``storage_options`` (a different
+object store client) is never used.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import io
-from typing import Any
+import json
+import logging
+import os
+import re
+import tempfile
+import uuid
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from datetime import UTC, date, datetime
+from decimal import Decimal
+from typing import Any, Literal
 from urllib.parse import urlsplit
 
 import fsspec
+import fsspec.asyn
 import polars as pl
+from pydantic import BaseModel, Field
 
-from tasks.models import FileRef
+from tasks.errors import (
+    ConfigurationError,
+    IntegrityError,
+    LakeConfigurationError,
+    LakeUnavailableError,
+    PipelineError,
+    redact_url,
+)
+from tasks.models import FileRef, Manifest
+
+Logger = logging.Logger | logging.LoggerAdapter
+log = logging.getLogger(__name__)
+
+BLOB_SCHEMES = frozenset({"abfs", "abfss", "az"})
+MANIFEST_NAME = "_manifest.json"
+TMP_PREFIX = ".tmp-"
+_CHUNK = 1 << 20
+
+# Azure container names: 3-63 chars, lowercase letters, digits and single dashes, starting/ending alphanumeric.
+_CONTAINER_RE = re.compile(r"^[a-z0-9](?:[a-z0-9]|-(?=[a-z0-9])){2,62}$")
+# One path segment given by a caller as a name (file name, attempt id, zone segment).
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._=+-]{0,199}$")
+_WEEK_RE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
+_UNAVAILABLE_STATUS = frozenset({408, 429, 500, 502, 503, 504})
 
 
 def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-class LakeFS:
-    """A lake root URL plus the storage options to reach it. Paths are relative to the root."""
+# --- validation --------------------------------------------------------------------------------------------------
 
-    def __init__(self, base_url: str, storage_options: dict[str, Any] | None = None) -> None:
+
+def validate_container_name(name: str, field: str = "base_url") -> str:
+    """Azure's container naming rule, checked here because adlfs ``mkdir`` swallows the service's error."""
+    if not _CONTAINER_RE.match(name or ""):
+        raise ConfigurationError(
+            field,
+            f"container name {name!r} is invalid: use 3-63 characters, lowercase letters, digits and single dashes, "
+            "starting and ending with a letter or digit",
+        )
+    return name
+
+
+def validate_name(value: str, field: str) -> str:
+    """One path segment from a caller (file name, attempt id): no separators, no ``..``, no leading dot/underscore."""
+    if not isinstance(value, str) or not _NAME_RE.match(value) or ".." in value:
+        raise ConfigurationError(
+            field, f"{value!r} is not a safe name (letters, digits, '._=+-', no '/', no '..', no leading '.' or '_')"
+        )
+    return value
+
+
+def validate_prefix(value: str, field: str = "zone_prefix") -> str:
+    """A relative folder (``a/b/c``): every segment must be a safe name."""
+    if not isinstance(value, str) or not value.strip("/"):
+        raise ConfigurationError(field, "must be a non-empty relative path")
+    for segment in value.strip("/").split("/"):
+        validate_name(segment, field)
+    return value.strip("/")
+
+
+def validate_week_label(value: str | date, field: str = "week_label") -> str:
+    """``YYYY-MM-DD`` (a real date); a ``date`` is accepted and formatted."""
+    if isinstance(value, date):
+        return value.isoformat()
+    if not isinstance(value, str) or not _WEEK_RE.match(value):
+        raise ConfigurationError(field, f"{value!r} is not a YYYY-MM-DD date")
+    try:
+        date.fromisoformat(value)
+    except ValueError as exc:
+        raise ConfigurationError(field, f"{value!r} is not a valid date") from exc
+    return value
+
+
+def _check_rel(rel: str) -> str:
+    """A relative path inside the lake: refuse ``..``/``.`` segments, backslashes and control characters."""
+    if not isinstance(rel, str):
+        raise ConfigurationError("path", f"expected a string, got {type(rel).__name__}")
+    if "\\" in rel or any(ord(c) < 32 for c in rel):
+        raise ConfigurationError("path", f"{rel!r} contains a backslash or a control character")
+    segments = [s for s in rel.split("/") if s]
+    if any(s in ("..", ".") for s in segments):
+        raise ConfigurationError("path", f"{rel!r} must not contain '.' or '..' segments")
+    return "/".join(segments)
+
+
+# --- error translation -------------------------------------------------------------------------------------------
+
+
+def _translate(exc: BaseException, op: str, target: str) -> PipelineError | None:
+    """Map an fsspec/adlfs/azure/OS exception (or one it was raised from) to the library's errors.
+
+    Messages are built from the exception *type*, status and error code only, never from the SDK's text.
+    """
+    try:
+        from azure.core import exceptions as az
+    except ImportError:  # pragma: no cover - azure is a dependency, but keep the local lake usable without it
+        az = None
+    where = f"lake {op} {redact_url(target)}"
+    seen = 0
+    cur: BaseException | None = exc
+    while cur is not None and seen < 12:
+        if isinstance(cur, PipelineError):
+            return cur
+        if az is not None:
+            if isinstance(cur, az.ClientAuthenticationError):
+                return LakeConfigurationError("azure_credentials", f"{where}: the blob store refused the credentials")
+            if isinstance(cur, az.HttpResponseError) and cur.status_code is not None:
+                status, code = cur.status_code, getattr(cur, "error_code", None) or ""
+                if code == "ContainerNotFound":
+                    return LakeConfigurationError("base_url", f"{where}: the container does not exist")
+                if status in (401, 403):
+                    return LakeConfigurationError(
+                        "azure_credentials", f"{where}: access denied (HTTP {status} {code})".rstrip()
+                    )
+                if status in _UNAVAILABLE_STATUS or status >= 500:
+                    return LakeUnavailableError(f"{where}: blob store unavailable (HTTP {status} {code})".rstrip())
+                if status >= 400 and status != 404:
+                    return LakeConfigurationError("base_url", f"{where}: rejected (HTTP {status} {code})".rstrip())
+            if isinstance(cur, az.ServiceRequestError | az.ServiceResponseError):
+                return LakeUnavailableError(f"{where}: blob store unreachable ({type(cur).__name__})")
+        if isinstance(cur, TimeoutError | asyncio.TimeoutError | ConnectionError):
+            return LakeUnavailableError(f"{where}: {type(cur).__name__}")
+        if type(cur).__module__.startswith("aiohttp"):
+            return LakeUnavailableError(f"{where}: blob store unreachable ({type(cur).__name__})")
+        if isinstance(cur, PermissionError):
+            return LakeConfigurationError("base_url", f"{where}: permission denied")
+        if isinstance(cur, OSError) and not isinstance(
+            cur, FileNotFoundError | FileExistsError | IsADirectoryError | NotADirectoryError
+        ):
+            return LakeUnavailableError(f"{where}: {type(cur).__name__} errno={cur.errno}")
+        if isinstance(cur, ValueError) and str(cur).startswith("unable to connect to account"):
+            return LakeConfigurationError("azure_credentials", f"{where}: cannot build a blob client from them")
+        cur = cur.__cause__ or cur.__context__
+        seen += 1
+    return None
+
+
+# --- the lake ----------------------------------------------------------------------------------------------------
+
+
+class LakeFS:
+    """A lake root URL plus the storage options to reach it. Paths are relative to the root.
+
+    ``retries``/``retry_backoff`` bound the Azure SDK's own retries per call (linear back-off in seconds);
+    ``connect_timeout``/``read_timeout`` are per request. They do not apply to local lakes.
+    """
+
+    def __init__(
+        self,
+        base_url: str,
+        storage_options: dict[str, Any] | None = None,
+        *,
+        retries: int = 3,
+        retry_backoff: float = 1.0,
+        connect_timeout: float = 10.0,
+        read_timeout: float = 120.0,
+    ) -> None:
         self.base_url = base_url.rstrip("/")
         self.storage_options = dict(storage_options or {})
-        self.scheme = urlsplit(self.base_url).scheme or "file"
+        parts = urlsplit(self.base_url)
+        self.scheme = parts.scheme or "file"
+        self.is_blob = self.scheme in BLOB_SCHEMES
+        self.is_local = self.scheme == "file"
+        if self.is_blob:
+            validate_container_name(parts.netloc, "base_url")
+            if "@" in parts.netloc:
+                raise ConfigurationError("base_url", "must not embed credentials; use azure_credentials")
+        _check_rel(parts.path)
+        self.retries = retries
+        self.retry_backoff = retry_backoff
+        self.connect_timeout = connect_timeout
+        self.read_timeout = read_timeout
         self._fs: fsspec.AbstractFileSystem | None = None
+
+    @classmethod
+    def from_block(cls, block: Any, **kwargs: Any) -> LakeFS:
+        """Build from a ``blocks.Lake`` (duck-typed: ``base_url`` and ``storage_options()``)."""
+        return cls(block.base_url, block.storage_options(), **kwargs)
 
     def __repr__(self) -> str:  # never show storage options (they hold secrets)
         return f"LakeFS({self.base_url!r})"
 
+    # -- plumbing ------------------------------------------------------------------------------------------------
+
     @property
     def fs(self) -> fsspec.AbstractFileSystem:
         if self._fs is None:
-            self._fs = fsspec.filesystem(self.scheme, **self.storage_options)
+            with self._guard("connect", self.base_url):
+                self._fs = self._make_fs()
         return self._fs
+
+    def _make_fs(self) -> fsspec.AbstractFileSystem:
+        if not self.is_blob:
+            return fsspec.filesystem(self.scheme, **self.storage_options)
+        options = {"use_listings_cache": False, **self.storage_options}
+        # Own instance: we swap in a service client with bounded retries and must not leak that to other users.
+        fs = fsspec.filesystem(self.scheme, skip_instance_cache=True, **options)
+        from azure.storage.blob.aio import BlobServiceClient, LinearRetry
+
+        old = fs.service_client
+        fs.service_client = BlobServiceClient(
+            old.url,
+            credential=old.credential,
+            retry_policy=LinearRetry(
+                backoff=self.retry_backoff,
+                retry_total=self.retries,
+                random_jitter_range=min(self.retry_backoff / 2, 1.0),
+            ),
+            connection_timeout=self.connect_timeout,
+            read_timeout=self.read_timeout,
+        )
+        return fs
+
+    @property
+    def container(self) -> str | None:
+        return urlsplit(self.base_url).netloc if self.is_blob else None
+
+    @property
+    def _root(self) -> str:
+        return self.fs._strip_protocol(self.base_url).rstrip("/")
 
     def url(self, *parts: str) -> str:
         """Full URL of a path under the root (no credentials: those live in storage_options)."""
         rel = "/".join(p.strip("/") for p in parts if p)
         return f"{self.base_url}/{rel}" if rel else self.base_url
 
+    def _url(self, rel_or_url: str) -> str:
+        if "://" in rel_or_url:
+            _check_rel(urlsplit(rel_or_url).path)
+            return rel_or_url
+        return self.url(_check_rel(rel_or_url))
+
     def _path(self, rel_or_url: str) -> str:
-        url = rel_or_url if "://" in rel_or_url else self.url(rel_or_url)
-        return self.fs._strip_protocol(url)
+        return self.fs._strip_protocol(self._url(rel_or_url))
+
+    def rel(self, url_or_path: str) -> str:
+        """The path of ``url_or_path`` relative to the root (raises ConfigurationError if it is outside)."""
+        path = self.fs._strip_protocol(url_or_path) if "://" in url_or_path else url_or_path
+        root = self._root
+        if path == root or not path.startswith(root + "/"):
+            raise ConfigurationError("path", f"{redact_url(url_or_path)} is not under the lake root")
+        return path[len(root) + 1 :]
+
+    @contextmanager
+    def _guard(self, op: str, target: str) -> Iterator[None]:
+        try:
+            yield
+        except (FileNotFoundError, FileExistsError, PipelineError):
+            raise
+        except Exception as exc:
+            mapped = _translate(exc, op, target)
+            if mapped is None:
+                raise
+            if mapped is exc:
+                raise
+            raise mapped from exc
+
+    def _not_found(self, url: str, exc: BaseException | None = None) -> Exception:
+        """A FileNotFoundError for ``url``, or LakeConfigurationError when the whole container is missing."""
+        mapped = _translate(exc, "read", url) if exc is not None else None
+        if isinstance(mapped, LakeConfigurationError):
+            return mapped
+        if self.is_blob and not self.container_exists():
+            return LakeConfigurationError("base_url", f"lake container {self.container!r} does not exist")
+        return FileNotFoundError(2, "lake file not found", redact_url(url))
+
+    def container_exists(self) -> bool:
+        """Blob lakes: does the container exist? Local lakes: always True (folders are created on write)."""
+        if not self.is_blob:
+            return True
+        from azure.core.exceptions import ResourceNotFoundError
+
+        async def _props() -> bool:
+            try:
+                async with self.fs.service_client.get_container_client(self.container) as cc:
+                    await cc.get_container_properties()
+            except ResourceNotFoundError:
+                return False
+            return True
+
+        with self._guard("check container", self.base_url):
+            return fsspec.asyn.sync(self.fs.loop, _props)
+
+    def create_container(self) -> None:
+        """Create the blob container if missing (validated name; adlfs ``mkdir`` would swallow errors)."""
+        if not self.is_blob:
+            return
+        from azure.core.exceptions import ResourceExistsError
+
+        async def _create() -> None:
+            try:
+                await self.fs.service_client.create_container(self.container)
+            except ResourceExistsError:
+                pass
+
+        with self._guard("create container", self.base_url):
+            fsspec.asyn.sync(self.fs.loop, _create)
+
+    # -- bytes -----------------------------------------------------------------------------------------------------
 
     def write_bytes(self, rel_or_url: str, data: bytes, *, rows: int = 0) -> FileRef:
-        path = self._path(rel_or_url)
-        parent = path.rsplit("/", 1)[0]
-        if self.scheme == "file":
-            self.fs.makedirs(parent, exist_ok=True)
-        with self.fs.open(path, "wb") as fh:
-            fh.write(data)
-        url = rel_or_url if "://" in rel_or_url else self.url(rel_or_url)
-        return FileRef(url=url, rows=rows, sha256=sha256_bytes(data), bytes=len(data))
+        """Write ``data`` atomically, verify it, and return its FileRef."""
+        return self._write(rel_or_url, data, rows=rows, exclusive=False)
+
+    def _write(self, rel_or_url: str, data: bytes, *, rows: int, exclusive: bool) -> FileRef:
+        url = self._url(rel_or_url)
+        path = self.fs._strip_protocol(url)
+        digest = sha256_bytes(data)
+        with self._guard("write", url):
+            if self.is_local:
+                _local_write(path, data, exclusive=exclusive)
+            elif self.is_blob:
+                mode = "xb" if exclusive else "wb"
+                with self.fs.open(path, mode, metadata={"sha256": digest, "rows": str(rows)}) as fh:
+                    fh.write(data)
+            else:
+                if exclusive and self.fs.exists(path):  # generic fsspec (memory://): not atomic, documented
+                    raise FileExistsError(path)
+                self.fs.pipe_file(path, data)
+        self._verify(url, path, digest, len(data))
+        return FileRef(url=url, rows=rows, sha256=digest, bytes=len(data))
+
+    def _verify(self, url: str, path: str, digest: str, size: int) -> None:
+        remote_size, remote_sha = self._remote_state(path, url)
+        if remote_size != size or remote_sha != digest:
+            raise IntegrityError(
+                f"lake file {redact_url(url)} does not match what was written "
+                f"(bytes {remote_size} vs {size}, sha256 {remote_sha} vs {digest})"
+            )
+
+    def _remote_state(self, path: str, url: str, *, deep: bool = False) -> tuple[int, str | None]:
+        """(size, sha256) of a stored file; sha256 from blob metadata (or computed when local/``deep``)."""
+        with self._guard("stat", url):
+            try:
+                if self.is_blob and not deep:
+                    info = self.fs.info(path, refresh=True)
+                    if info.get("type") != "file":
+                        raise FileNotFoundError(path)
+                    return int(info["size"]), (info.get("metadata") or {}).get("sha256")
+                h = hashlib.sha256()
+                size = 0
+                with self.fs.open(path, "rb") as fh:
+                    while chunk := fh.read(_CHUNK):
+                        h.update(chunk)
+                        size += len(chunk)
+                return size, h.hexdigest()
+            except FileNotFoundError as exc:
+                raise self._not_found(url, exc) from None
+
+    def remote_sha256(self, rel_or_url: str, *, deep: bool = False) -> str | None:
+        """Stored SHA-256: blob metadata (``None`` if absent), or computed from the bytes (local lakes, ``deep``)."""
+        url = self._url(rel_or_url)
+        return self._remote_state(self.fs._strip_protocol(url), url, deep=deep)[1]
+
+    def file_ok(self, rel_or_url: str, sha256: str, size: int | None = None, *, deep: bool = False) -> bool:
+        """True when the file exists with this hash (and size); False when missing or different."""
+        url = self._url(rel_or_url)
+        try:
+            remote_size, remote_sha = self._remote_state(self.fs._strip_protocol(url), url, deep=deep)
+        except FileNotFoundError:
+            return False
+        return remote_sha == sha256 and (size is None or remote_size == size)
 
     def read_bytes(self, rel_or_url: str) -> bytes:
-        with self.fs.open(self._path(rel_or_url), "rb") as fh:
-            return fh.read()
+        url = self._url(rel_or_url)
+        with self._guard("read", url):
+            try:
+                with self.fs.open(self.fs._strip_protocol(url), "rb") as fh:
+                    return fh.read()
+            except FileNotFoundError as exc:
+                raise self._not_found(url, exc) from None
 
     def exists(self, rel_or_url: str) -> bool:
-        return self.fs.exists(self._path(rel_or_url))
+        url = self._url(rel_or_url)
+        with self._guard("exists", url):
+            return self.fs.exists(self.fs._strip_protocol(url))
+
+    def put_if_absent(self, rel: str, data: bytes | Any) -> bool:
+        """Create ``rel`` only if it does not exist (O_EXCL-style locally, ``If-None-Match: *`` on blobs).
+
+        ``data`` is bytes, or any JSON-able object. Returns True if this call created it, False if it existed.
+        """
+        payload = data if isinstance(data, bytes | bytearray) else _json_bytes(data)
+        try:
+            self._write(rel, bytes(payload), rows=0, exclusive=True)
+        except FileExistsError:
+            return False
+        return True
+
+    def list(self, prefix: str = "") -> list[str]:
+        """Relative paths of the files under ``prefix`` (recursive, sorted; temp files skipped)."""
+        url = self._url(prefix) if prefix else self.base_url
+        path = self.fs._strip_protocol(url)
+        root = self._root
+        with self._guard("list", url):
+            try:
+                found = self.fs.find(path)
+            except FileNotFoundError:
+                found = []
+        if not found and self.is_blob and not self.container_exists():
+            raise LakeConfigurationError("base_url", f"lake container {self.container!r} does not exist")
+        out = []
+        for p in found:
+            if not p.startswith(root + "/"):
+                continue
+            rel = p[len(root) + 1 :]
+            if any(seg.startswith(TMP_PREFIX) for seg in rel.split("/")):
+                continue
+            out.append(rel)
+        return sorted(out)
+
+    def delete(self, rel_or_url: str) -> bool:
+        """Delete one file; True if it existed."""
+        url = self._url(rel_or_url)
+        path = self.fs._strip_protocol(url)
+        with self._guard("delete", url):
+            if not self.fs.exists(path):
+                return False
+            try:
+                self.fs.rm_file(path)
+            except FileNotFoundError:
+                return False
+        return True
+
+    # -- JSON ------------------------------------------------------------------------------------------------------
+
+    def write_json_atomic(self, rel: str, obj: Any) -> FileRef:
+        """Write a small JSON document in one atomic step (readers see the old or the new one)."""
+        return self.write_bytes(rel, _json_bytes(obj))
+
+    def read_json(self, rel: str, default: Any = None) -> Any:
+        """Parsed JSON of ``rel``, or ``default`` when it does not exist (a missing container still raises)."""
+        try:
+            data = self.read_bytes(rel)
+        except FileNotFoundError:
+            return default
+        try:
+            return json.loads(data)
+        except ValueError as exc:
+            raise IntegrityError(f"lake file {redact_url(self._url(rel))} is not valid JSON") from exc
+
+    # -- Parquet ---------------------------------------------------------------------------------------------------
 
     def write_parquet(self, frame: pl.DataFrame, rel_or_url: str) -> FileRef:
         buf = io.BytesIO()
@@ -72,3 +524,281 @@ class LakeFS:
 
     def read_parquet(self, rel_or_url: str, columns: list[str] | None = None) -> pl.DataFrame:
         return pl.read_parquet(io.BytesIO(self.read_bytes(rel_or_url)), columns=columns)
+
+
+def _local_write(path: str, data: bytes, *, exclusive: bool) -> None:
+    folder = os.path.dirname(path) or "."
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX, dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.chmod(tmp, 0o644)
+        if exclusive:
+            os.link(tmp, path)  # atomic, fails with FileExistsError if the name is taken
+        else:
+            os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    try:  # make the rename durable; best effort (not every platform can fsync a folder)
+        dfd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(dfd)
+    except OSError:
+        pass
+    finally:
+        os.close(dfd)
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, BaseModel):
+        return value.model_dump(mode="json")
+    if isinstance(value, datetime | date):
+        return value.isoformat()
+    if isinstance(value, Decimal):
+        return str(value)
+    if isinstance(value, set | frozenset | tuple):
+        return sorted(value) if isinstance(value, set | frozenset) else list(value)
+    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
+
+
+def _json_bytes(obj: Any) -> bytes:
+    if isinstance(obj, BaseModel):
+        return obj.model_dump_json(indent=2).encode()
+    return json.dumps(obj, default=_json_default, sort_keys=True, indent=2).encode()
+
+
+def _normalise(obj: Any) -> Any:
+    return json.loads(json.dumps(obj, default=_json_default, sort_keys=True))
+
+
+# --- week publishing ---------------------------------------------------------------------------------------------
+
+
+class PublishResult(BaseModel):
+    """What :func:`publish_week` did, for the flow's report."""
+
+    status: Literal["published", "skipped", "repaired"]
+    manifest: Manifest
+    written: list[str] = Field(default_factory=list, description="Names copied into a new attempt.")
+    skipped: list[str] = Field(default_factory=list, description="Names already committed and intact.")
+    repaired: list[str] = Field(default_factory=list, description="Committed names re-uploaded (missing/corrupt).")
+    deleted: list[str] = Field(default_factory=list, description="Superseded/stray files garbage-collected.")
+
+
+def week_prefix(zone_prefix: str, week_label: str | date) -> str:
+    return f"{validate_prefix(zone_prefix)}/week={validate_week_label(week_label)}"
+
+
+def manifest_rel(zone_prefix: str, week_label: str | date) -> str:
+    return f"{week_prefix(zone_prefix, week_label)}/{MANIFEST_NAME}"
+
+
+def staging_rel(zone_prefix: str, week_label: str | date, attempt: str, name: str) -> str:
+    """Where a data file of ``attempt`` lives; write there directly to let :func:`publish_week` adopt it."""
+    return (
+        f"{week_prefix(zone_prefix, week_label)}/attempt={validate_name(attempt, 'attempt')}/{_check_file_name(name)}"
+    )
+
+
+def new_attempt_id() -> str:
+    return f"{datetime.now(UTC):%Y%m%dT%H%M%SZ}-{uuid.uuid4().hex[:8]}"
+
+
+def _check_file_name(name: str) -> str:
+    validate_name(name, "files")
+    if name == MANIFEST_NAME:
+        raise ConfigurationError("files", f"{name!r} is reserved")
+    return name
+
+
+def read_manifest(lake: LakeFS, zone_prefix: str, week_label: str | date) -> Manifest | None:
+    """The committed manifest of a week, or None when the week was never committed."""
+    rel = manifest_rel(zone_prefix, week_label)
+    try:
+        data = lake.read_bytes(rel)
+    except FileNotFoundError:
+        return None
+    try:
+        return Manifest.model_validate_json(data)
+    except ValueError as exc:
+        raise IntegrityError(f"manifest {redact_url(lake.url(rel))} is not a valid manifest") from exc
+
+
+def committed_files(lake: LakeFS, zone_prefix: str, week_label: str | date) -> dict[str, FileRef]:
+    """Name -> FileRef of a committed week ({} when not committed). Staged files of other attempts never appear."""
+    manifest = read_manifest(lake, zone_prefix, week_label)
+    return dict(manifest.files) if manifest else {}
+
+
+def committed_weeks(lake: LakeFS, zone_prefix: str) -> list[str]:
+    """Week labels of ``zone_prefix`` that have a committed manifest, sorted."""
+    prefix = validate_prefix(zone_prefix)
+    weeks = []
+    for rel in lake.list(prefix):
+        parts = rel[len(prefix) + 1 :].split("/")
+        if len(parts) == 2 and parts[1] == MANIFEST_NAME and parts[0].startswith("week="):
+            weeks.append(parts[0][len("week=") :])
+    return sorted(weeks)
+
+
+def read_committed(lake: LakeFS, zone_prefix: str, week_label: str | date, name: str) -> pl.DataFrame:
+    """Read one committed Parquet file, checking its bytes against the manifest's SHA-256."""
+    files = committed_files(lake, zone_prefix, week_label)
+    if name not in files:
+        raise FileNotFoundError(2, "not in the committed manifest", f"{week_prefix(zone_prefix, week_label)}/{name}")
+    ref = files[name]
+    data = lake.read_bytes(ref.url)
+    if sha256_bytes(data) != ref.sha256 or len(data) != ref.bytes:
+        raise IntegrityError(f"lake file {redact_url(ref.url)} does not match its manifest (sha256/bytes)")
+    return pl.read_parquet(io.BytesIO(data))
+
+
+def _read_source(lake: LakeFS, ref: FileRef, source: LakeFS | None) -> bytes:
+    """Bytes of a caller's FileRef, checked against its recorded SHA-256 and size."""
+    scheme = urlsplit(ref.url).scheme or "file"
+    if source is not None:
+        data = source.read_bytes(ref.url)
+    elif scheme == lake.scheme:
+        data = lake.read_bytes(ref.url)
+    elif scheme == "file":
+        with lake._guard("read", ref.url):
+            try:
+                data = fsspec.filesystem("file").cat_file(urlsplit(ref.url).path)
+            except FileNotFoundError:
+                raise FileNotFoundError(2, "source file not found", redact_url(ref.url)) from None
+    else:
+        raise ConfigurationError("files", f"cannot read {redact_url(ref.url)}: pass source= for that store")
+    if sha256_bytes(data) != ref.sha256 or len(data) != ref.bytes:
+        raise IntegrityError(f"source file {redact_url(ref.url)} does not match its FileRef (sha256/bytes)")
+    return data
+
+
+def _same_content(manifest: Manifest, files: Mapping[str, FileRef], extra: dict[str, Any]) -> bool:
+    if set(manifest.files) != set(files):
+        return False
+    for name, ref in files.items():
+        old = manifest.files[name]
+        if (old.sha256, old.rows, old.bytes) != (ref.sha256, ref.rows, ref.bytes):
+            return False
+    return _normalise(manifest.extra) == extra
+
+
+def publish_week(
+    lake: LakeFS,
+    zone_prefix: str,
+    week_label: str | date,
+    files: Mapping[str, FileRef],
+    extra: Mapping[str, Any] | None = None,
+    *,
+    attempt: str | None = None,
+    source: LakeFS | None = None,
+    deep_verify: bool = False,
+    logger: Logger | None = None,
+) -> PublishResult:
+    """Publish ``files`` (name -> FileRef of a local/staged copy) as the week's committed data set.
+
+    * Week already committed with the same files and ``extra``: each committed file is checked (size and SHA-256:
+      blob metadata, or the bytes when local / ``deep_verify``); intact ones are skipped, missing or different
+      ones are re-uploaded from ``files[name]`` to the committed URL. No manifest write.
+    * Otherwise: copy each file into ``attempt=<attempt>/`` (a ref already there is adopted after a check), then
+      commit with one atomic manifest write, then garbage-collect other attempts of that week.
+
+    ``source`` reads FileRefs stored elsewhere (another lake); by default refs on this lake's scheme are read
+    through this lake and ``file://`` refs from the local disk. Every source is checked against its own SHA-256.
+    """
+    logger = logger or log
+    zone = validate_prefix(zone_prefix)
+    week = validate_week_label(week_label)
+    if not files:
+        raise ConfigurationError("files", "nothing to publish")
+    for name in files:
+        _check_file_name(name)
+    extra_norm = _normalise(dict(extra or {}))
+    prefix = week_prefix(zone, week)
+
+    current = read_manifest(lake, zone, week)
+    if current is not None and _same_content(current, files, extra_norm):
+        skipped, repaired = [], []
+        for name in sorted(current.files):
+            ref = current.files[name]
+            if lake.file_ok(ref.url, ref.sha256, ref.bytes, deep=deep_verify):
+                skipped.append(name)
+                continue
+            logger.warning("lake: committed %s/%s is missing or differs; re-uploading", prefix, name)
+            data = _read_source(lake, files[name], source)
+            lake.write_bytes(ref.url, data, rows=ref.rows)
+            repaired.append(name)
+        status = "repaired" if repaired else "skipped"
+        logger.info("lake: week %s %s (%d intact, %d repaired)", prefix, status, len(skipped), len(repaired))
+        return PublishResult(status=status, manifest=current, skipped=skipped, repaired=repaired)
+
+    attempt = validate_name(attempt or new_attempt_id(), "attempt")
+    published: dict[str, FileRef] = {}
+    for name in sorted(files):
+        ref = files[name]
+        target_url = lake.url(staging_rel(zone, week, attempt, name))
+        if ref.url == target_url and lake.file_ok(target_url, ref.sha256, ref.bytes, deep=deep_verify):
+            published[name] = ref
+            continue
+        data = _read_source(lake, ref, source)
+        published[name] = lake.write_bytes(target_url, data, rows=ref.rows)
+    # Guard against a concurrent clean-up having removed what we staged: check right before the commit.
+    for ref in published.values():
+        if not lake.file_ok(ref.url, ref.sha256, ref.bytes):
+            raise IntegrityError(f"staged file {redact_url(ref.url)} vanished or changed before the commit")
+    manifest = Manifest(
+        zone=zone,
+        week=week,
+        attempt=attempt,
+        committed_at=datetime.now(UTC).isoformat(),
+        files=published,
+        file_count=len(published),
+        total_rows=sum(r.rows for r in published.values()),
+        total_bytes=sum(r.bytes for r in published.values()),
+        extra=extra_norm,
+    )
+    lake.write_json_atomic(f"{prefix}/{MANIFEST_NAME}", manifest)  # the commit
+    logger.info("lake: committed %s attempt=%s (%d files)", prefix, attempt, len(published))
+    deleted = collect_garbage(lake, zone, week, keep_attempt=attempt, logger=logger)
+    return PublishResult(status="published", manifest=manifest, written=sorted(published), deleted=deleted)
+
+
+def collect_garbage(
+    lake: LakeFS,
+    zone_prefix: str,
+    week_label: str | date,
+    *,
+    keep_attempt: str | None = None,
+    logger: Logger | None = None,
+) -> list[str]:
+    """Delete a week's files that the committed manifest does not reference. Best effort; returns what went.
+
+    Does nothing when the week has no manifest (the previous committed state is unknown, nothing is provably
+    garbage). ``keep_attempt`` additionally protects that attempt's folder.
+    """
+    logger = logger or log
+    manifest = read_manifest(lake, zone_prefix, week_label)
+    if manifest is None:
+        return []
+    prefix = week_prefix(zone_prefix, week_label)
+    keep = {lake.rel(ref.url) for ref in manifest.files.values() if ref.url.startswith(lake.base_url + "/")}
+    keep.add(f"{prefix}/{MANIFEST_NAME}")
+    protected = [f"{prefix}/attempt={a}/" for a in {manifest.attempt, keep_attempt} if a]
+    deleted = []
+    try:
+        for rel in lake.list(prefix):
+            if rel in keep or any(rel.startswith(p) for p in protected):
+                continue
+            if lake.delete(rel):
+                deleted.append(rel)
+    except PipelineError as exc:  # the commit already happened; the next publish retries the clean-up
+        logger.warning("lake: garbage collection of %s stopped: %s", prefix, exc)
+    if deleted:
+        logger.info("lake: removed %d superseded file(s) under %s", len(deleted), prefix)
+    return deleted

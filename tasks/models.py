@@ -69,3 +69,23 @@ class TransformResult(BaseModel):
         description="Rows superseded by a later record with the same event id (kept in rejects, not in the rate).",
     )
     top_reject_reasons: list[tuple[str, int]] = Field(default_factory=list)
+
+
+class Manifest(BaseModel):
+    """Commit marker of one published lake week (``<zone>/week=<YYYY-MM-DD>/_manifest.json``).
+
+    Written last, in one atomic write; readers trust only the files it lists (see tasks/lake.py).
+    """
+
+    model_config = ConfigDict(frozen=True)
+
+    format_version: int = 1
+    zone: str = Field(description="Zone prefix relative to the lake root, e.g. 'curated/events'.")
+    week: str = Field(description="Week label YYYY-MM-DD (the Monday).")
+    attempt: str = Field(description="Publish attempt whose folder holds the data files.")
+    committed_at: str = Field(description="UTC ISO-8601 timestamp of the commit.")
+    files: dict[str, FileRef] = Field(description="Logical name -> committed file (URL, rows, sha256, bytes).")
+    file_count: int = Field(ge=0)
+    total_rows: int = Field(ge=0)
+    total_bytes: int = Field(ge=0)
+    extra: dict[str, object] = Field(default_factory=dict, description="Caller's counts/notes (JSON values).")
