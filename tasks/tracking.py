@@ -806,7 +806,10 @@ def _advance_op(engine: Engine, pipeline: str, args: dict[str, Any], logger: Log
 
 
 _OPS: dict[str, tuple[Callable[..., Any], frozenset[str]]] = {
-    "finish_run": (_finish_run_op, frozenset({"run_id", "status", "counts", "failure_reason", "now"})),
+    "finish_run": (
+        _finish_run_op,
+        frozenset({"run_id", "status", "counts", "failure_reason", "now", "supersede"}),
+    ),
     "finish_stage": (
         _finish_stage_op,
         frozenset({"run_id", "stage", "status", "rows_in", "rows_out", "detail", "now"}),

@@ -1,0 +1,421 @@
+"""Weekly reverse ETL: events API -> validate/transform -> Parquet lake -> quality gate -> Salesforce.
+
+Run locally with ``python -m flows.weekly`` (embedded defaults: demo API, ./lake, Salesforce dry run,
+SQLite tracking), or as the ``weekly-reverse-etl`` deployment from prefect.yaml.
+
+Per batch week, in order: extract >> validate_and_transform >> load >> quality_gate >> salesforce_sync,
+then the checkpoint: written to the tracking database first (the source of truth), mirrored into the
+Prefect Variable, and queued in the lake for replay when the database write fails after the data landed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+import uuid
+from datetime import UTC, date, datetime, timedelta
+from typing import Any
+
+from prefect import flow, get_run_logger
+from prefect.artifacts import create_markdown_artifact
+from prefect.context import get_run_context
+from prefect.variables import Variable
+from pydantic import BaseModel, Field
+
+from flows import stages
+from flows.notify import notify_failure
+from flows.runtime import WeeklyRuntime, weekly_runtime
+from tasks import tracking
+from tasks.errors import ConfigurationError, DataQualityError, PipelineError, redact_text
+from tasks.models import Window
+from tasks.quality import RunStatus, enforce
+from tasks.weeks import parse_week, plan_weeks, today_in
+
+RAW_ZONE = "raw/events"
+STAGING_ZONE = "staging/events"
+CURATED_ZONE = "curated/events"
+SALESFORCE_ZONE = "salesforce"
+CHECKPOINT_LOCK = "weekly-etl-checkpoint"
+
+
+class WeekOutcome(BaseModel):
+    week_start: date
+    run_id: str
+    status: str
+    fetched: int = 0
+    valid: int = 0
+    rejected: int = 0
+    duplicates: int = 0
+    reject_rate_pct: float = 0.0
+    synced: int = 0
+    sync_failed: int = 0
+    dry_run: bool = True
+    files: dict[str, str] = Field(default_factory=dict)
+    stage_seconds: dict[str, float] = Field(default_factory=dict)
+    skipped_reason: str | None = None
+
+
+class WeeklySummary(BaseModel):
+    weeks: list[WeekOutcome] = Field(default_factory=list)
+    next_week_start: date | None = None
+    lake: str = ""
+    database: str = ""
+    embedded_defaults: list[str] = Field(default_factory=list)
+    replayed_pending: int = 0
+
+    def totals(self) -> dict[str, int]:
+        return {
+            "weeks": len([w for w in self.weeks if w.skipped_reason is None]),
+            "fetched": sum(w.fetched for w in self.weeks),
+            "valid": sum(w.valid for w in self.weeks),
+            "rejected": sum(w.rejected for w in self.weeks),
+            "files": sum(len(w.files) for w in self.weeks),
+        }
+
+
+def _flow_run_id() -> str | None:
+    try:
+        ctx = get_run_context()
+    except Exception:  # noqa: BLE001 - outside a run there is simply no id
+        return None
+    run = getattr(ctx, "flow_run", None)
+    return str(run.id) if run is not None else None
+
+
+def _mirror_checkpoint(variable_name: str, next_week: date, run_id: str) -> None:
+    """Mirror the database checkpoint into the Prefect Variable (JSON, well under 5,000 chars)."""
+    document = tracking.checkpoint_document(next_week, run_id, datetime.now(UTC))
+    Variable.set(variable_name, document, overwrite=True)
+
+
+def _ensure_checkpoint_lock() -> None:
+    """The global concurrency limit (1 slot) that serializes checkpoint writes; created when missing."""
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        client.upsert_global_concurrency_limit_by_name(CHECKPOINT_LOCK, 1)
+
+
+def _read_checkpoint(rt: WeeklyRuntime, log: Any) -> date | None:
+    """The database is the source of truth; the Variable is read only to warn when it drifted."""
+    db_value = tracking.get_checkpoint(rt.engine, rt.settings.pipeline_name)
+    doc = Variable.get(rt.settings.checkpoint_variable, default=None)
+    if doc:
+        try:
+            var_value = tracking.parse_checkpoint_document(doc)
+        except (ValueError, PipelineError) as exc:
+            log.warning(
+                "checkpoint Variable %r is unreadable (%s); the database wins", rt.settings.checkpoint_variable, exc
+            )
+            var_value = None
+        if db_value is None and var_value is not None:
+            log.info("seeding the database checkpoint from the Variable: %s", var_value)
+            db_value = var_value
+        elif var_value is not None and var_value != db_value:
+            log.warning("checkpoint Variable says %s, database says %s; the database wins", var_value, db_value)
+        updated = doc.get("updated_at") if isinstance(doc, dict) else None
+        if updated:
+            age = datetime.now(UTC) - datetime.fromisoformat(updated)
+            if age > timedelta(days=rt.settings.stale_checkpoint_days):
+                log.warning(
+                    "checkpoint was last updated %s days ago (threshold %s days): is the schedule running?",
+                    age.days,
+                    rt.settings.stale_checkpoint_days,
+                )
+    return db_value
+
+
+def _advance_checkpoint(rt: WeeklyRuntime, window: Window, run_id: str, log: Any) -> date | None:
+    """DB first (the source of truth), then the Variable mirror, under a global lock (Variables have no
+    compare-and-set). When the database is unavailable after the data landed, the write is queued in the
+    lake and replayed at the start of the next run; the Variable is then left alone (never ahead of the DB)."""
+    from prefect.concurrency.sync import concurrency
+
+    next_week = window.end + timedelta(days=1)
+    pipeline = rt.settings.pipeline_name
+    with concurrency(CHECKPOINT_LOCK, occupy=1, strict=True):
+        applied = tracking.apply_or_queue(
+            rt.engine,
+            rt.lake,
+            pipeline,
+            "advance_checkpoint",
+            {"pipeline": pipeline, "next_week_start": next_week.isoformat(), "run_id": run_id},
+        )
+        if not applied:
+            log.error("checkpoint write failed: database unavailable; queued for replay at the next run")
+            return None
+        stored = tracking.get_checkpoint(rt.engine, pipeline) or next_week
+        _mirror_checkpoint(rt.settings.checkpoint_variable, stored, run_id)
+    return stored
+
+
+# Where the last failure happened, per flow run, for the on_failure hook (same process).
+FAILURES: dict[str, dict[str, str]] = {}
+
+
+def _quality_artifact(window: Window, report: Any, files: dict[str, str]) -> None:
+    reasons = "\n".join(f"| {reason} | {count} |" for reason, count in report.top_reject_reasons) or "| (none) | 0 |"
+    links = "\n".join(f"- **{name}**: `{url}`" for name, url in files.items())
+    create_markdown_artifact(
+        key=f"quality-{window.label}",
+        markdown=(
+            f"# Quality gate, week {window.label}\n\n"
+            f"| fetched | rejected | duplicates | reject rate | threshold | status |\n|---|---|---|---|---|---|\n"
+            f"| {report.fetched} | {report.rejected} | {report.duplicates} | {report.rate_pct:.2f}% "
+            f"| {report.threshold_pct:.2f}% | {report.status.value} |\n\n"
+            f"## Top reject reasons\n\n| reason | count |\n|---|---|\n{reasons}\n\n## Files\n\n{links}\n"
+        ),
+        description=f"Quality gate for week {window.label}",
+    )
+
+
+def _process_week(rt: WeeklyRuntime, window: Window, *, full_refresh: bool, dry_run: bool, log: Any) -> WeekOutcome:
+    pipeline = rt.settings.pipeline_name
+    flow_run_id = _flow_run_id()
+    existing = tracking.last_successful_run(rt.engine, pipeline, window.start)
+    if existing is not None and not full_refresh:
+        log.info(
+            "week %s already committed by run %s; skipping (full_refresh=True reprocesses it)", window.label, existing
+        )
+        return WeekOutcome(
+            week_start=window.start,
+            run_id=str(existing),
+            status="SKIPPED",
+            skipped_reason=f"already committed by run {existing}",
+        )
+    run_id = str(uuid.uuid4())
+    tracking.start_run(
+        rt.engine, pipeline, window.start, run_id=run_id, flow_run_id=flow_run_id, check_duplicate=not full_refresh
+    )
+    outcome = WeekOutcome(week_start=window.start, run_id=run_id, status=RunStatus.RUNNING.value, dry_run=dry_run)
+    stage = "extract"
+    started = time.monotonic()
+
+    def stage_done(name: str, rows_in: int, rows_out: int, detail: str | None = None) -> None:
+        nonlocal started
+        outcome.stage_seconds[name] = round(time.monotonic() - started, 3)
+        tracking.finish_stage(
+            rt.engine, run_id, name, RunStatus.SUCCESS.value, rows_in=rows_in, rows_out=rows_out, detail=detail
+        )
+        started = time.monotonic()
+
+    try:
+        tracking.start_stage(rt.engine, run_id, stage)
+        extracted = stages.extract.with_options(refresh_cache=full_refresh)(
+            rt.source, rt.lake_block, window, f"{RAW_ZONE}/week={window.label}"
+        )
+        stage_done(stage, 0, extracted.rows, f"{extracted.pages} pages, {len(extracted.files)} files")
+
+        stage = "validate_and_transform"
+        tracking.start_stage(rt.engine, run_id, stage)
+        transformed = stages.validate_and_transform.with_options(refresh_cache=full_refresh)(
+            rt.lake_block, extracted, window, f"{STAGING_ZONE}/week={window.label}", rt.settings.timezone
+        )
+        outcome.fetched, outcome.rejected, outcome.duplicates = (
+            transformed.fetched,
+            transformed.rejected,
+            transformed.duplicates,
+        )
+        outcome.valid = transformed.valid.rows
+        stage_done(stage, transformed.fetched, transformed.valid.rows)
+
+        stage = "load"
+        tracking.start_stage(rt.engine, run_id, stage)
+        published = stages.load(rt.lake_block, transformed, CURATED_ZONE, window)
+        committed = published.manifest.files
+        outcome.files = {name.removesuffix(".parquet"): ref.url for name, ref in committed.items()}
+        stage_done(
+            stage,
+            transformed.fetched,
+            published.manifest.total_rows,
+            f"{published.status}: written {len(published.written)}, intact {len(published.skipped)}, "
+            f"repaired {len(published.repaired)}",
+        )
+
+        stage = "quality_gate"
+        tracking.start_stage(rt.engine, run_id, stage)
+        report = stages.quality_gate(transformed, rt.settings.reject_threshold_pct)
+        outcome.reject_rate_pct = report.rate_pct
+        _quality_artifact(window, report, outcome.files)
+        enforce(report)
+        stage_done(stage, transformed.fetched, transformed.valid.rows, report.status.value)
+
+        stage = "salesforce_sync"
+        tracking.start_stage(rt.engine, run_id, stage)
+        sync = stages.salesforce_sync(
+            rt.lake_block,
+            committed[stages.PUBLISHED_NAMES["metrics"]].url,
+            window,
+            None if dry_run else rt.salesforce,
+            rt.settings.salesforce_object,
+            rt.settings.external_id_field,
+            f"{SALESFORCE_ZONE}/week={window.label}/{run_id}",
+            f"{SALESFORCE_ZONE}/snapshot/{rt.settings.salesforce_object}.parquet",
+            rt.settings.sf_error_threshold_pct,
+        )
+        outcome.synced, outcome.sync_failed = sync.succeeded, sync.failed
+        if sync.outbox is not None:
+            outcome.files["salesforce_outbox"] = sync.outbox.url
+        if sync.failed_rows is not None:
+            outcome.files["salesforce_failed_rows"] = sync.failed_rows.url
+        stage_done(stage, sync.considered, sync.sent, "dry run" if sync.dry_run else f"jobs {','.join(sync.job_ids)}")
+        outcome.status = report.status.value
+    except BaseException as exc:
+        FAILURES[flow_run_id or "local"] = {
+            "week": window.label,
+            "stage": stage,
+            "error": redact_text(f"{type(exc).__name__}: {exc}")[:500],
+        }
+        reason = redact_text(f"{stage}: {type(exc).__name__}: {exc}")
+        try:
+            tracking.finish_stage(rt.engine, run_id, stage, RunStatus.FAILED.value, detail=reason)
+            tracking.finish_run(
+                rt.engine, run_id, RunStatus.FAILED.value, counts=_counts(outcome), failure_reason=reason
+            )
+        except PipelineError as track_exc:
+            log.error("could not record the failure of run %s: %s", run_id, type(track_exc).__name__)
+        raise
+
+    # Data is committed in the lake (and Salesforce). From here on, a tracking write that fails because the
+    # database is unavailable is queued in the lake and replayed by the next run; nothing is lost.
+    finish = {"run_id": run_id, "status": outcome.status, "counts": _counts(outcome), "supersede": full_refresh}
+    if not tracking.apply_or_queue(rt.engine, rt.lake, pipeline, "finish_run", finish):
+        log.error("run record write failed: database unavailable; queued for replay")
+    _advance_checkpoint(rt, window, run_id, log)
+    return outcome
+
+
+def _counts(outcome: WeekOutcome) -> dict[str, Any]:
+    return {
+        "fetched": outcome.fetched,
+        "valid": outcome.valid,
+        "rejected": outcome.rejected,
+        "duplicates": outcome.duplicates,
+        "synced": outcome.synced,
+        "failed_rows": outcome.sync_failed,
+        "reject_rate_pct": outcome.reject_rate_pct,
+    }
+
+
+def _summary_artifact(summary: WeeklySummary) -> None:
+    rows = "\n".join(
+        f"| {w.week_start} | {w.status} | {w.fetched} | {w.valid} | {w.rejected} | {w.reject_rate_pct:.2f}% "
+        f"| {w.synced} | {', '.join(f'{k} {v}s' for k, v in w.stage_seconds.items())} |"
+        for w in summary.weeks
+    )
+    create_markdown_artifact(
+        key="weekly-run-summary",
+        markdown=(
+            "# Weekly reverse ETL\n\n| week | status | fetched | valid | rejected | rate | synced | stages |\n"
+            f"|---|---|---|---|---|---|---|---|\n{rows or '| (no week due) | | | | | | | |'}\n\n"
+            f"Next batch week: **{summary.next_week_start}**. Lake: `{summary.lake}`.\n"
+        ),
+        description="Every stage of this run: rows in/out, files, duration",
+    )
+
+
+@flow(
+    name="weekly-reverse-etl",
+    description="Events API -> validated Parquet lake -> quality gate -> Salesforce weekly customer metrics.",
+    timeout_seconds=4 * 3600,
+    # Prefect 3.9 flows take one retry delay (the client casts it to int; a list fails at run creation), so the
+    # exponential backoff lives in the tasks (RETRY_DELAYS) and the flow retries the whole run twice, 5 min apart.
+    retries=2,
+    retry_delay_seconds=300,
+    on_failure=[notify_failure],
+    log_prints=True,
+)
+def weekly_reverse_etl(
+    week: date | None = None, full_refresh: bool = False, dry_run: bool | None = None
+) -> WeeklySummary:
+    """Process the due batch weeks (or exactly ``week``, a Monday).
+
+    Args:
+        week: Explicit week start (a Monday, ISO date). Overrides the checkpoint; the checkpoint only moves forward.
+        full_refresh: Re-fetch and re-transform even when cached results or a committed run exist.
+        dry_run: Write the Salesforce CSV to the lake outbox instead of upserting. Default: dry run exactly
+            when no Salesforce credentials block is saved.
+    """
+    log = get_run_logger()
+    explicit = parse_week(week) if week is not None else None
+    with weekly_runtime(log) as rt:
+        tracking.ensure_schema(rt.engine)
+        _ensure_checkpoint_lock()
+        summary = WeeklySummary(lake=rt.lake_block.base_url, embedded_defaults=rt.embedded)
+        summary.database = rt.describe()["database"]
+        pipeline = rt.settings.pipeline_name
+        replayed = tracking.replay_pending(rt.engine, rt.lake, pipeline)
+        replayed.raise_for_error()  # never process a week on a checkpoint that is still queued
+        summary.replayed_pending = replayed.applied
+        if replayed.applied:
+            log.info("replayed %d pending tracking write(s)", replayed.applied)
+            stored = tracking.checkpoint_state(rt.engine, pipeline)
+            if stored is not None:
+                _mirror_checkpoint(rt.settings.checkpoint_variable, stored.next_week_start, stored.last_run_id)
+        abandoned = tracking.fail_abandoned_runs(rt.engine, pipeline)
+        if abandoned:
+            log.warning("marked %d run(s) left RUNNING by a crashed process as FAILED", abandoned)
+        checkpoint = _read_checkpoint(rt, log)
+        effective_dry_run = rt.salesforce is None if dry_run is None else (dry_run or rt.salesforce is None)
+        if dry_run is False and rt.salesforce is None:
+            raise ConfigurationError("dry_run", "False needs a saved Salesforce credentials block 'weekly-salesforce'")
+        windows = plan_weeks(
+            explicit_week=explicit,
+            checkpoint=checkpoint,
+            first_week=rt.settings.first_week,
+            today=today_in(rt.settings.timezone),
+            max_weeks=rt.settings.max_weeks_per_run,
+        )
+        if not windows:
+            log.info("nothing due: the next batch week %s has not ended yet", checkpoint)
+        for window in windows:
+            summary.weeks.append(
+                _process_week(rt, window, full_refresh=full_refresh, dry_run=effective_dry_run, log=log)
+            )
+        summary.next_week_start = tracking.get_checkpoint(rt.engine, rt.settings.pipeline_name)
+    _summary_artifact(summary)
+    return summary
+
+
+def _print_summary(summary: WeeklySummary) -> None:
+    t = summary.totals()
+    print(f"\nWeekly reverse ETL: {t['weeks']} week(s) processed")
+    for w in summary.weeks:
+        line = f"  {w.week_start}  {w.status:<22} fetched {w.fetched:>7}  valid {w.valid:>7}  rejected {w.rejected:>5}"
+        print(line + (f"  ({w.skipped_reason})" if w.skipped_reason else ""))
+    print(f"  rows fetched / valid / rejected: {t['fetched']} / {t['valid']} / {t['rejected']}")
+    print(f"  files written: {t['files']}")
+    print(f"  next batch week (checkpoint): {summary.next_week_start}")
+    print(f"  lake: {summary.lake}   tracking db: {summary.database}")
+    if summary.embedded_defaults:
+        print(f"  embedded defaults in use: {', '.join(summary.embedded_defaults)} (save blocks to change; see README)")
+    print("  look at: the lake's curated/events/week=*/_manifest.json, salesforce/ outbox, `prefect artifact ls`")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m flows.weekly", description=weekly_reverse_etl.description)
+    parser.add_argument("--week", help="week start to process (a Monday, YYYY-MM-DD); default: from the checkpoint")
+    parser.add_argument("--full-refresh", action="store_true", help="ignore cached stage results and committed runs")
+    dry = parser.add_mutually_exclusive_group()
+    dry.add_argument("--dry-run", dest="dry_run", action="store_true", default=None, help="never call Salesforce")
+    dry.add_argument("--no-dry-run", dest="dry_run", action="store_false", help="require Salesforce credentials")
+    args = parser.parse_args(argv)
+    try:
+        week = parse_week(args.week) if args.week else None
+    except ConfigurationError as exc:
+        parser.error(str(exc))
+    try:
+        summary = weekly_reverse_etl(week=week, full_refresh=args.full_refresh, dry_run=args.dry_run)
+    except DataQualityError as exc:
+        print(f"\nquality gate failed: {exc}", file=sys.stderr)
+        return 2
+    except PipelineError as exc:
+        print(f"\nweekly reverse ETL failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    _print_summary(summary)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
