@@ -38,6 +38,7 @@ from zoneinfo import ZoneInfo
 
 import orjson
 from starlette.applications import Starlette
+from starlette.background import BackgroundTask
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
@@ -386,6 +387,7 @@ class DemoConfig:
     faults: Faults = field(default_factory=Faults)
     stats: Stats = field(default_factory=Stats)
     _sources: dict = field(default_factory=dict, repr=False)
+    _prefetched: dict = field(default_factory=dict, repr=False)
 
     def source_for(self, start: date, end: date) -> EventSource:
         key = (start, end, self.total, self.seed, self.invalid_ratio, self.duplicate_ratio, self.customers, self.tz)
@@ -545,9 +547,15 @@ def create_app(config: DemoConfig | None = None) -> Starlette:
 
         src = cfg.source_for(start, end)
         total = src.total
-        records = src.page(offset, limit, copy=False)
         if faults.repeat_record_at is not None and offset == faults.repeat_record_at and 0 < offset <= total:
-            records = src.page(offset - 1, 1, copy=False) + records
+            records = src.page(offset - 1, 1, copy=False) + src.page(offset, limit, copy=False)
+            records_json = orjson.dumps(records)
+            n_records = len(records)
+        else:
+            records_json = cfg._prefetched.pop((src, offset, limit), None) or orjson.dumps(
+                src.page(offset, limit, copy=False)
+            )
+            n_records = max(0, min(limit, total - offset))
         end_reached = offset + limit >= total
         if faults.empty_final_page and end_reached and offset < total:
             next_offset: int | None = offset + limit  # points past the end: an empty page follows
@@ -563,27 +571,38 @@ def create_app(config: DemoConfig | None = None) -> Starlette:
             faults.missing_key_times -= 1
             key = faults.missing_key_replacement
         headers: dict[str, str] = {}
+        envelope: dict[str, Any] = {}  # everything but the records, which are spliced in as bytes
         if style == "page_number":
-            body: dict[str, Any] = {key: records, "page": page_index + 1, "page_size": limit, "total": total}
+            envelope = {"page": page_index + 1, "page_size": limit, "total": total}
         elif style == "offset":
-            body = {key: records, "offset": offset, "limit": limit, "total": total}
+            envelope = {"offset": offset, "limit": limit, "total": total}
         elif style == "cursor":
-            body = {key: records}
-            _set_path(body, cfg.cursor_path, encode_cursor(next_offset) if next_offset is not None else None)
+            _set_path(envelope, cfg.cursor_path, encode_cursor(next_offset) if next_offset is not None else None)
         else:
-            body = {key: records}
             base = {k: v for k, v in request.query_params.items() if k not in ("page", "page_size")}
             links = [f'<{_page_url(request, base, 1, limit)}>; rel="first"']
             if next_offset is not None:
                 links.append(f'<{_page_url(request, base, next_offset // limit + 1, limit)}>; rel="next"')
             headers["Link"] = ", ".join(links)
-        payload = orjson.dumps(body)
+        rest = orjson.dumps(envelope)
+        payload = b"".join((b"{", orjson.dumps(key), b":", records_json, b"," + rest[1:] if envelope else b"}"))
         if faults.truncate_times > 0 and not slow:
             faults.truncate_times -= 1
             payload = payload[: max(1, len(payload) // 2)]
         cfg.stats.pages += 1
-        cfg.stats.rows += len(records)
-        return Response(payload, headers=headers, media_type="application/json")
+        cfg.stats.rows += n_records
+        background = None
+        if next_offset is not None and next_offset != offset and next_offset < total:
+            # generate the next page right after this answer is sent: with the client in another process, the
+            # server's generation overlaps the client's parsing instead of adding to it
+            background = BackgroundTask(_prefetch, src, next_offset, limit)
+        return Response(payload, headers=headers, media_type="application/json", background=background)
+
+    async def _prefetch(src: EventSource, offset: int, limit: int) -> None:
+        cache = cfg._prefetched
+        if len(cache) >= 4:
+            cache.clear()
+        cache[(src, offset, limit)] = orjson.dumps(src.page(offset, limit, copy=False))
 
     async def health(request: Request) -> Response:
         return _json({"status": "ok"})
