@@ -416,7 +416,12 @@ def insert_rejects(conn: Connection, run_id: str, source: str, rejects: pl.DataF
     if rejects.is_empty():
         return
     frame = rejects.select(
-        run_id=pl.lit(run_id), source=pl.lit(source), ref="ref", field="field", reason="reason", payload="payload"
+        run_id=pl.lit(run_id),
+        source=pl.lit(source),
+        ref="ref",
+        field="field",
+        reason=pl.col("reason").str.replace_all("\x00", "\\u0000", literal=True),
+        payload=pl.col("payload").str.replace_all("\x00", "\\u0000", literal=True),
     )
     copy_frame(conn, "etl_rejects", frame)
 
@@ -510,14 +515,22 @@ def load_batch(
     counts = BatchCounts(read=raw.height + (extra_rejects.height if extra_rejects is not None else 0))
     valid, rejects = normalize(raw, source=source, field_map=field_map, fetched_at=fetched_at)
     sid = raw.select(_mapped(pl.col("payload"), field_map.get("source_id")).alias("sid")).to_series()
+    # PostgreSQL cannot store NUL in text/jsonb: such records are rejected (reason "payload") and not kept raw
+    storable = ~(
+        pl.col("payload").str.contains("\x00", literal=True) | pl.col("payload").str.contains("\\u0000", literal=True)
+    )
     with engine.begin() as conn:
-        new_hashes = insert_raw(conn, kind, source, raw, sid, run_id, fetched_at)
+        ok = raw.filter(storable)
+        new_hashes = insert_raw(
+            conn, kind, source, ok, sid.filter(raw.select(storable).to_series()), run_id, fetched_at
+        )
         counts.raw_new = len(new_hashes)
-        counts.duplicates = raw.height - counts.raw_new
+        counts.duplicates = ok.height - counts.raw_new
         if len(new_hashes) < raw.height:
             keep = pl.Series(list(new_hashes), dtype=pl.String())
             valid = valid.filter(pl.col("content_hash").is_in(keep))
-            rejects = rejects.filter(pl.col("ref").is_in(raw.filter(pl.col("content_hash").is_in(keep))["ref"]))
+            refs = pl.concat([ok.filter(pl.col("content_hash").is_in(keep))["ref"], raw.filter(~storable)["ref"]])
+            rejects = rejects.filter(pl.col("ref").is_in(refs))
         if valid_filter is not None:
             valid = valid.filter(valid_filter)
         if extra_rejects is not None and not extra_rejects.is_empty():
@@ -672,17 +685,21 @@ def previous_schema(engine: Engine, source: str, run_id: str) -> dict[str, str] 
 
 
 def record_schema(
-    engine: Engine, *, source: str, run_id: str, fields: dict[str, str], diff: SchemaDiff | None, policy: str
+    engine: Engine, *, source: str, run_id: str, fields: dict[str, str] | None, diff: SchemaDiff | None, policy: str
 ) -> None:
-    """Store this run's observed fields and, when there is drift, one ``etl_schema_drift`` row."""
+    """Store this run's observed fields (the next run's baseline) and, when there is drift, one drift row.
+
+    ``fields=None`` records the drift only: a drift the policy refused must not become the next baseline.
+    """
     with engine.begin() as conn:
-        conn.execute(
-            text(
-                "insert into etl_source_schema (source, run_id, fields) values (:s, :r, cast(:f as jsonb)) "
-                "on conflict (source, run_id) do update set fields = excluded.fields, observed_at = now()"
-            ),
-            {"s": source, "r": run_id, "f": json.dumps(fields)},
-        )
+        if fields is not None:
+            conn.execute(
+                text(
+                    "insert into etl_source_schema (source, run_id, fields) values (:s, :r, cast(:f as jsonb)) "
+                    "on conflict (source, run_id) do update set fields = excluded.fields, observed_at = now()"
+                ),
+                {"s": source, "r": run_id, "f": json.dumps(fields)},
+            )
         if diff:
             conn.execute(
                 text(

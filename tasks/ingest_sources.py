@@ -477,3 +477,131 @@ def next_api_window(cursor: dict[str, Any] | None, first_date: date | None, toda
     if start > today:
         return None
     return Window(start=start, end=today)
+
+
+# --- one source, batch by batch ---------------------------------------------------------------------------------
+
+
+@dataclass
+class SourceOutcome:
+    """What one source did in one run (counts are BatchCounts.as_dict())."""
+
+    source: str
+    kind: str
+    counts: dict[str, int]
+    batches: int
+    fields: dict[str, str]
+    drift: Any = None  # tasks.ingest_db.SchemaDiff | None
+    drift_policy: str = "accept"
+
+
+def ingest_batches(
+    engine: Any,
+    *,
+    kind: str,
+    source: str,
+    field_map: dict[str, str],
+    make_batches: Callable[[Any], Iterator[SourceBatch]],
+    run_id: str,
+    drift_policy: str = "accept",
+    reject_threshold_pct: float = 100.0,
+    on_drift: Callable[[str, Any, str], None] | None = None,
+    valid_filter: Callable[[Any], pl.Expr | None] | None = None,
+    logger: Log | None = None,
+) -> SourceOutcome:
+    """Ingest one source: each batch (raw + normalized + rejects + checkpoint) commits in its own transaction.
+
+    ``make_batches(checkpoint)`` resumes after the last committed batch. Schema drift versus the source's previous
+    run is checked before each batch is loaded (fields added / changed kind) and at the end (fields removed):
+    it is recorded in ``etl_schema_drift``, handed to ``on_drift(source, diff, policy)`` and, with policy
+    ``fail``, raised as SchemaDriftError (batches already committed stay committed). A reject rate over
+    ``reject_threshold_pct`` raises DataQualityError after the source is loaded.
+    """
+    from tasks.errors import DataQualityError, SchemaDriftError
+    from tasks.ingest_db import (
+        BatchCounts,
+        Checkpoint,
+        SchemaDiff,
+        diff_schema,
+        get_checkpoint,
+        load_batch,
+        merge_schema,
+        observe_json_schema,
+        previous_schema,
+        record_schema,
+    )
+
+    log = logger or _log
+    checkpoint = get_checkpoint(engine, source)
+    previous = previous_schema(engine, source, run_id)
+    observe = observe_csv_schema if kind == "csv" else observe_json_schema
+    fields: dict[str, str] = {}
+    total = BatchCounts()
+    reported = SchemaDiff()
+    batches = 0
+
+    def drift_found(diff: SchemaDiff) -> None:
+        baseline = fields if drift_policy == "accept" else None
+        record_schema(engine, source=source, run_id=run_id, fields=baseline, diff=diff, policy=drift_policy)
+        log.warning("schema drift in %s: %s (policy %s)", source, diff.summary(), drift_policy)
+        if on_drift is not None:
+            on_drift(source, diff, drift_policy)
+        if drift_policy == "fail":
+            raise SchemaDriftError(source, diff.summary())
+
+    for batch in make_batches(checkpoint):
+        if not batch.raw.is_empty():
+            fields = merge_schema(fields, observe(batch.raw))
+            if previous is not None:
+                diff = diff_schema(previous, fields)
+                fresh = SchemaDiff(
+                    added={k: v for k, v in diff.added.items() if k not in reported.added},
+                    changed={k: v for k, v in diff.changed.items() if k not in reported.changed},
+                )
+                if fresh:
+                    reported.added.update(fresh.added)
+                    reported.changed.update(fresh.changed)
+                    drift_found(fresh)
+        cp = Checkpoint(
+            source=source,
+            kind=kind,
+            cursor=batch.cursor,
+            last_modified=batch.last_modified,
+            last_seen_id=batch.last_seen_id,
+        )
+        counts = load_batch(
+            engine,
+            kind=kind,  # type: ignore[arg-type]
+            source=source,
+            field_map=field_map,
+            raw=batch.raw,
+            run_id=run_id,
+            checkpoint=cp,
+            extra_rejects=batch.rejects,
+            valid_filter=valid_filter(checkpoint) if valid_filter is not None else None,
+        )
+        total.add(counts)
+        batches += 1
+        log.info("%s: batch %d committed %s cursor=%s", source, batches, counts.as_dict(), batch.cursor)
+    final = SchemaDiff()
+    if previous is not None and fields:
+        removed = diff_schema(previous, fields).removed
+        final.removed.update(removed)
+    if final:
+        reported.removed.update(final.removed)
+        drift_found(final)  # records the drift (and, when accepted, this run's fields as the next baseline)
+    elif fields:
+        record_schema(engine, source=source, run_id=run_id, fields=fields, diff=None, policy=drift_policy)
+    if total.read and total.rejected * 100.0 / total.read > reject_threshold_pct:
+        raise DataQualityError(
+            total.rejected * 100.0 / total.read, reject_threshold_pct, rejected=total.rejected, fetched=total.read
+        )
+    return SourceOutcome(
+        source=source,
+        kind=kind,
+        counts=total.as_dict(),
+        batches=batches,
+        fields=fields,
+        drift=reported if reported else None,
+        drift_policy=drift_policy,
+    )

@@ -134,21 +134,37 @@ def test_load_batch_dedupes_raw_and_commits_checkpoint_with_the_batch(ingest_eng
         assert conn.execute(text("select count(*) from etl_rejects")).scalar() == 1
     assert get_checkpoint(ingest_engine, "s").cursor == {"line": 9}
 
-    # a failure inside the transaction (a NUL the raw JSONB refuses) leaves nothing behind, checkpoint included
-    bad = raw_frame(['{"id": "9", "name": "x\\u0000"}'])
-    with pytest.raises(Exception):  # noqa: B017
+    # a NUL (PostgreSQL cannot store it) is a reject, not a failure
+    nul = raw_frame(['{"id": "8", "name": "x\\u0000"}'])
+    counts = load_batch(
+        ingest_engine, kind="csv", source="s", field_map=DEFAULT_FIELD_MAP, raw=nul, run_id="r3", checkpoint=None
+    )
+    assert (counts.rejected, counts.upserted) == (1, 0)
+
+    # a failure inside the transaction leaves nothing behind, checkpoint included
+    fail_on_source_id(ingest_engine, "9")
+    with pytest.raises(Exception, match="injected failure"):
         load_batch(
-            ingest_engine,
-            kind="csv",
-            source="s",
-            field_map=DEFAULT_FIELD_MAP,
-            raw=bad,
-            run_id="r3",
+            ingest_engine, kind="csv", source="s", field_map=DEFAULT_FIELD_MAP,
+            raw=_raw([{"id": "10"}, {"id": "9"}]), run_id="r4",
             checkpoint=Checkpoint(source="s", kind="csv", cursor={"line": 99}),
-        )
+        )  # fmt: skip
     assert get_checkpoint(ingest_engine, "s").cursor == {"line": 9}
     with ingest_engine.connect() as conn:
         assert conn.execute(text("select count(*) from normalized_data")).scalar() == 2
+        assert conn.execute(text("select count(*) from raw_csv_data where run_id = 'r4'")).scalar() == 0
+
+
+def fail_on_source_id(engine, source_id: str) -> None:
+    """A real database failure in the middle of a batch: a trigger that raises for one source_id."""
+    with engine.begin() as conn:
+        conn.exec_driver_sql(
+            "create or replace function _boom() returns trigger language plpgsql as $$ begin "
+            f"if new.source_id = '{source_id}' then raise exception 'injected failure'; end if; return new; end $$"
+        )
+        conn.exec_driver_sql(
+            "create trigger _boom before insert or update on normalized_data for each row execute function _boom()"
+        )
 
 
 def test_runs_record_status_counts_duration_and_reason(ingest_engine):
