@@ -7,6 +7,7 @@ prefect-azure and prefect-sqlalchemy ones. Block document names the flows look f
 from prefect_azure import AzureBlobStorageCredentials
 from prefect_sqlalchemy import SqlAlchemyConnector
 
+from blocks.ingest import ApiIngestSource, CsvIngestSource, IngestSettings, RssIngestSource
 from blocks.lake import Lake
 from blocks.salesforce import SalesforceCredentials
 from blocks.settings import PipelineSettings
@@ -20,11 +21,15 @@ SETTINGS_BLOCK = "weekly-settings"
 DATABASE_BLOCK = "weekly-database"
 
 __all__ = [
+    "ApiIngestSource",
     "AzureBlobStorageCredentials",
+    "CsvIngestSource",
     "DATABASE_BLOCK",
+    "IngestSettings",
     "LAKE_BLOCK",
     "Lake",
     "PipelineSettings",
+    "RssIngestSource",
     "SALESFORCE_BLOCK",
     "SETTINGS_BLOCK",
     "SOURCE_BLOCK",
