@@ -30,6 +30,7 @@ from __future__ import annotations
 import io
 import logging
 import tempfile
+import time
 from collections.abc import Sequence
 from datetime import date
 from pathlib import Path
@@ -231,15 +232,16 @@ def _checks() -> list[tuple[str, pl.Expr, pl.Expr]]:
     ]
     for name, max_len in (("id", ID_MAX_LEN), ("customer_id", CUSTOMER_ID_MAX_LEN)):
         raw = pl.col(name)
-        text = raw.str.strip_chars(TRIM_CHARS)
+        text = pl.col(f"_t_{name}")
+        length = pl.col(f"_len_{name}")
         checks += [
             (name, raw.is_null(), pl.lit(f"{name} is required")),
             (name, ~pl.col(f"{name}_is_str"), pl.lit(f"{name} must be a string, got ") + _got(raw)),
-            (name, text.str.len_chars() == 0, pl.lit(f"{name} must not be empty")),
+            (name, length == 0, pl.lit(f"{name} must not be empty")),
             (
                 name,
-                text.str.len_chars() > max_len,
-                pl.lit(f"{name} must be at most {max_len} characters, got ") + text.str.len_chars().cast(pl.String),
+                length > max_len,
+                pl.lit(f"{name} must be at most {max_len} characters, got ") + length.cast(pl.String),
             ),
             (
                 name,
@@ -252,22 +254,21 @@ def _checks() -> list[tuple[str, pl.Expr, pl.Expr]]:
         ("event_type", event_type.is_null(), pl.lit("event_type is required")),
         (
             "event_type",
-            ~event_type.str.strip_chars(TRIM_CHARS).is_in(EVENT_TYPES),
+            ~pl.col("_t_event_type").is_in(EVENT_TYPES),
             pl.lit(f"event_type must be one of {', '.join(EVENT_TYPES)}, got ") + _got(event_type),
         ),
     ]
     amount = pl.col("amount")
-    amount_text = amount.str.strip_chars(TRIM_CHARS)
     value = pl.col("_amount")
     checks += [
         ("amount", amount.is_null(), pl.lit("amount is required")),
-        ("amount", ~amount_text.str.contains(AMOUNT_RE), pl.lit("amount must be a number, got ") + _got(amount)),
+        ("amount", ~pl.col("_amount_ok"), pl.lit("amount must be a number, got ") + _got(amount)),
         ("amount", ~value.is_finite(), pl.lit("amount must be finite, got ") + _got(amount)),
         ("amount", value < 0, pl.lit("amount must be >= 0, got ") + _got(amount)),
         ("amount", value >= AMOUNT_MAX, pl.lit("amount must be < 1e12, got ") + _got(amount)),
     ]
     currency = pl.col("currency")
-    currency_text = currency.str.strip_chars(TRIM_CHARS)
+    currency_text = pl.col("_t_currency")
     checks += [
         ("currency", currency.is_null(), pl.lit("currency is required")),
         (
@@ -277,22 +278,23 @@ def _checks() -> list[tuple[str, pl.Expr, pl.Expr]]:
         ),
         (
             "currency",
-            ~currency_text.str.to_uppercase().is_in(CURRENCIES),
-            pl.lit("currency must be an active ISO 4217 code, got ") + currency_text.str.to_uppercase(),
+            ~pl.col("_up_currency").is_in(CURRENCIES),
+            pl.lit("currency must be an active ISO 4217 code, got ") + pl.col("_up_currency"),
         ),
     ]
     ts = pl.col("occurred_at")
-    ts_text = ts.str.strip_chars(TRIM_CHARS)
+    ts_text = pl.col("_ts")
+    ts_ok = pl.col("_ts_ok")
     checks += [
         ("occurred_at", ts.is_null(), pl.lit("occurred_at is required")),
         (
             "occurred_at",
-            ~ts_text.str.contains(TS_RE) & ts_text.str.contains(TS_NAIVE_RE),
+            ~ts_ok & ts_text.str.contains(TS_NAIVE_RE),
             pl.lit("occurred_at must include a timezone offset (naive timestamps are rejected), got ") + _got(ts),
         ),
         (
             "occurred_at",
-            ~ts_text.str.contains(TS_RE),
+            ~ts_ok,
             pl.lit("occurred_at must be an RFC 3339 timestamp, got ") + _got(ts),
         ),
         (
@@ -315,54 +317,93 @@ def _checks() -> list[tuple[str, pl.Expr, pl.Expr]]:
     return checks
 
 
-def _derived() -> list[pl.Expr]:
-    """Parsed helper columns used by the checks and the normalized output."""
-    amount_text = pl.col("amount").str.strip_chars(TRIM_CHARS)
-    ts = pl.col("occurred_at").str.strip_chars(TRIM_CHARS)
-    well_formed = ts.str.contains(TS_RE)
-    local = ts.str.slice(0, 19).str.to_datetime("%Y-%m-%dT%H:%M:%S", strict=False, time_unit="us")
-    micros = ts.str.extract(r"^.{19}\.([0-9]{1,9})", 1).str.pad_end(6, "0").str.slice(0, 6).cast(pl.Int64).fill_null(0)
-    zone = ts.str.extract(r"(Z|[+-][0-9]{2}:[0-9]{2})$", 1)
-    sign = pl.when(zone.str.starts_with("-")).then(-1).otherwise(1)
-    offset = (
-        pl.when(zone == "Z")
-        .then(0)
-        .otherwise(sign * (zone.str.slice(1, 2).cast(pl.Int64) * 60 + zone.str.slice(4, 2).cast(pl.Int64)))
+_TRIMMED = ("id", "customer_id", "event_type", "amount", "currency")
+
+
+def _derive(frame: pl.DataFrame) -> pl.DataFrame:
+    """Add the parsed helper columns used by the checks and the normalized output (_amount, _local, _utc)."""
+    frame = frame.with_columns(
+        *[pl.col(name).str.strip_chars(TRIM_CHARS).alias(f"_t_{name}") for name in _TRIMMED],
+        pl.col("occurred_at").str.strip_chars(TRIM_CHARS).alias("_ts"),
     )
-    return [
-        pl.when(amount_text.str.contains(AMOUNT_RE)).then(amount_text.cast(pl.Float64, strict=False)).alias("_amount"),
-        pl.when(well_formed).then(local).alias("_local"),
-        pl.when(well_formed).then(local + pl.duration(microseconds=micros) - pl.duration(minutes=offset)).alias("_utc"),
-    ]
+    amount_text = pl.col("_t_amount")
+    ts = pl.col("_ts")
+    frame = frame.with_columns(
+        pl.col("_t_id").str.len_chars().alias("_len_id"),
+        pl.col("_t_customer_id").str.len_chars().alias("_len_customer_id"),
+        pl.col("_t_currency").str.to_uppercase().alias("_up_currency"),
+        amount_text.str.contains(AMOUNT_RE).alias("_amount_ok"),
+        ts.str.contains(TS_RE).alias("_ts_ok"),
+    )
+    frame = frame.with_columns(
+        pl.when(pl.col("_amount_ok")).then(amount_text.cast(pl.Float64, strict=False)).alias("_amount"),
+        pl.when(pl.col("_ts_ok"))
+        .then(ts.str.slice(0, 19).str.to_datetime("%Y-%m-%dT%H:%M:%S", strict=False, time_unit="us", cache=False))
+        .alias("_local"),
+    )
+    zone = ts.str.slice(-6)  # "+HH:MM"/"-HH:MM", or the tail of a "...Z" timestamp
+    offset_minutes = (
+        pl.when(ts.str.ends_with("Z"))
+        .then(0)
+        .otherwise(
+            pl.when(zone.str.starts_with("-")).then(-1).otherwise(1)
+            * (
+                zone.str.slice(1, 2).cast(pl.Int64, strict=False) * 60
+                + zone.str.slice(4, 2).cast(pl.Int64, strict=False)
+            )
+        )
+    )
+    micros = (
+        pl.when(ts.str.slice(19, 1) == ".")
+        .then(ts.str.extract(r"^.{19}\.([0-9]{1,9})", 1).str.pad_end(6, "0").str.slice(0, 6).cast(pl.Int64))
+        .otherwise(0)
+    )
+    return frame.with_columns(
+        (pl.col("_local").cast(pl.Int64) + micros - offset_minutes * 60_000_000).cast(pl.Datetime("us")).alias("_utc")
+    )
 
 
 def validate_fields(extracted: pl.DataFrame) -> pl.DataFrame:
-    """EXTRACT_SCHEMA -> same rows with ``_field``/``_reason`` (null when valid) and normalized VALID_SCHEMA columns."""
+    """EXTRACT_SCHEMA -> same rows with ``_field``/``_reason`` (null when valid) and normalized VALID_SCHEMA columns.
+
+    The first failing check is found with cheap integer labels over all rows; the human reasons (string
+    building) are only computed for the failing rows.
+    """
     checks = _checks()
-    field_expr: pl.Expr | None = None
-    reason_expr: pl.Expr | None = None
-    for field, condition, reason in checks:
+    rule: pl.Expr | None = None
+    for k, (_, condition, _) in enumerate(checks):
         cond = condition.fill_null(False)
-        if field_expr is None:
-            field_chain = pl.when(cond).then(pl.lit(field))
-            reason_chain = pl.when(cond).then(reason)
-        else:
-            field_chain = field_chain.when(cond).then(pl.lit(field))  # type: ignore[union-attr]
-            reason_chain = reason_chain.when(cond).then(reason)  # type: ignore[union-attr]
-        field_expr, reason_expr = field_chain, reason_chain
-    assert field_expr is not None and reason_expr is not None
-    return (
-        extracted.with_columns(_derived())
-        .with_columns(
-            field_expr.otherwise(pl.lit(None, pl.String)).alias("_field"),
-            reason_expr.otherwise(pl.lit(None, pl.String)).alias("_reason"),
+        label = pl.lit(k, pl.Int16)
+        rule = pl.when(cond).then(label) if rule is None else rule.when(cond).then(label)  # type: ignore[union-attr]
+    assert rule is not None
+    labelled = _derive(extracted).with_columns(rule.otherwise(pl.lit(None, pl.Int16)).alias("_rule"))
+    bad = labelled.filter(pl.col("_rule").is_not_null())
+    good = labelled.filter(pl.col("_rule").is_null()).with_columns(
+        pl.lit(None, pl.String).alias("_field"), pl.lit(None, pl.String).alias("_reason")
+    )
+    if bad.height:
+        reason: pl.Expr | None = None
+        for k, (_, _, text) in enumerate(checks):
+            hit = pl.col("_rule") == k
+            reason = pl.when(hit).then(text) if reason is None else reason.when(hit).then(text)  # type: ignore[union-attr]
+        assert reason is not None
+        bad = bad.with_columns(
+            pl.col("_rule")
+            .replace_strict(list(range(len(checks))), [field for field, _, _ in checks], return_dtype=pl.String)
+            .alias("_field"),
+            reason.otherwise(pl.lit(None, pl.String)).alias("_reason"),
         )
+    else:
+        bad = good.clear()
+    return (
+        pl.concat([good, bad])
+        .sort("_seq")
         .with_columns(
-            pl.col("id").str.strip_chars(TRIM_CHARS),
-            pl.col("customer_id").str.strip_chars(TRIM_CHARS),
-            pl.col("event_type").str.strip_chars(TRIM_CHARS),
+            pl.col("_t_id").alias("id"),
+            pl.col("_t_customer_id").alias("customer_id"),
+            pl.col("_t_event_type").alias("event_type"),
             pl.col("_amount").alias("amount"),
-            pl.col("currency").str.strip_chars(TRIM_CHARS).str.to_uppercase(),
+            pl.col("_up_currency").alias("currency"),
             pl.col("_utc").dt.replace_time_zone("UTC").alias("occurred_at"),
         )
     )
@@ -425,6 +466,7 @@ def transform_week(
     urls = [ref.url if isinstance(ref, FileRef) else str(ref) for ref in raw_files]
     fetched = 0
     contract_rejects: list[pl.DataFrame] = []
+    started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="transform-") as spool_dir:
         spool = Path(spool_dir)
         for part_no, url in enumerate(urls):
@@ -447,32 +489,40 @@ def transform_week(
             if spooled
             else pl.LazyFrame(schema={**VALID_SCHEMA, "payload": pl.String()})
         )
+        validated = time.perf_counter()
         valid = scan.drop("payload").collect()
 
-        # De-duplicate: latest occurred_at wins, ties -> highest _seq (received last).
-        ranked = valid.sort(["id", "occurred_at", "_seq"], descending=[False, True, True])
-        superseded = ranked.filter(~pl.col("id").is_first_distinct()).get_column("_seq")
-        valid = ranked.filter(pl.col("id").is_first_distinct())
+        # De-duplicate: latest occurred_at wins, ties -> highest _seq (received last). A numeric sort plus a
+        # hash-based "last occurrence" flag; no sort on the string ids.
+        ranked = valid.sort(["occurred_at", "_seq"]).with_columns(pl.col("id").is_last_distinct().alias("_keep"))
+        superseded = ranked.filter(~pl.col("_keep")).select("_seq", "id")
+        valid = ranked.filter(pl.col("_keep")).drop("_keep")
+        del ranked
 
         # Currency: per customer-week keep the currency with most events (ties -> alphabetical).
-        dominant = (
-            valid.group_by("customer_id", "currency")
-            .len()
-            .sort(["customer_id", "len", "currency"], descending=[False, True, False])
-            .group_by("customer_id", maintain_order=True)
-            .first()
-            .select("customer_id", pl.col("currency").alias("_dominant"))
-        )
-        valid = valid.join(dominant, on="customer_id", how="left")
-        mixed = valid.filter(pl.col("currency") != pl.col("_dominant")).select("_seq", "id", "currency", "_dominant")
-        valid = valid.filter(pl.col("currency") == pl.col("_dominant")).drop("_dominant").sort("_seq")
+        per_currency = valid.group_by("customer_id", "currency").len()
+        if per_currency.height > per_currency.get_column("customer_id").n_unique():
+            dominant = (
+                per_currency.sort(["customer_id", "len", "currency"], descending=[False, True, False])
+                .group_by("customer_id", maintain_order=True)
+                .first()
+                .select("customer_id", pl.col("currency").alias("_dominant"))
+            )
+            valid = valid.join(dominant, on="customer_id", how="left")
+            mixed = valid.filter(pl.col("currency") != pl.col("_dominant")).select(
+                "_seq", "id", "currency", "_dominant"
+            )
+            valid = valid.filter(pl.col("currency") == pl.col("_dominant")).drop("_dominant")
+        else:
+            mixed = pl.DataFrame(
+                schema={"_seq": pl.Int64(), "id": pl.String(), "currency": pl.String(), "_dominant": pl.String()}
+            )
+        valid = valid.sort("_seq")
 
-        wanted = pl.concat([superseded, mixed.get_column("_seq")])
+        wanted = pl.concat([superseded.get_column("_seq"), mixed.get_column("_seq")])
         payloads = scan.select("_seq", "_page", "payload").filter(pl.col("_seq").is_in(wanted.implode())).collect()
         dup_rejects = _reject_rows(
-            payloads.filter(pl.col("_seq").is_in(superseded.implode())).join(
-                ranked.select("_seq", "id"), on="_seq", how="left"
-            ),
+            payloads.join(superseded, on="_seq", how="inner"),
             pl.lit("id"),
             pl.lit(DUPLICATE_REASON),
         )
@@ -496,6 +546,7 @@ def transform_week(
         raise IntegrityError("transform rejected the same record twice")
 
     metrics = aggregate_metrics(valid, window)
+    ruled = time.perf_counter()
     top = (
         counted.group_by(pl.col("field") + pl.lit(": ") + pl.col("reason").str.split(", got ").list.first())
         .len()
@@ -506,14 +557,19 @@ def transform_week(
     valid_ref = lake.write_parquet(valid.select(list(VALID_SCHEMA)), f"{prefix}/valid.parquet")
     rejects_ref = lake.write_parquet(rejects, f"{prefix}/rejects.parquet")
     metrics_ref = lake.write_parquet(metrics, f"{prefix}/metrics.parquet")
+    done = time.perf_counter()
     log.info(
-        "transform %s: fetched=%d valid=%d rejected=%d duplicates=%d customers=%d",
+        "transform %s: fetched=%d valid=%d rejected=%d duplicates=%d customers=%d "
+        "(validate %.2fs, dedup/currency/aggregate %.2fs, write %.2fs)",
         window.label,
         fetched,
         valid.height,
         rejected,
         duplicates,
         metrics.height,
+        validated - started,
+        ruled - validated,
+        done - ruled,
     )
     return TransformResult(
         window=window,
