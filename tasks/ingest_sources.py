@@ -462,21 +462,23 @@ def read_api_batches(
 
 
 def next_api_window(cursor: dict[str, Any] | None, first_date: date | None, today: date) -> Window | None:
-    """The window to extract: resume an incomplete one, else from the last window's end to ``today``.
+    """The window to extract: resume an incomplete one, else the complete days since the last window.
 
-    The last day is re-read on purpose (records of a day may arrive late; identical ones are no-ops).
+    Windows cover whole past days only (``end`` = yesterday), so they never overlap and a day is read once it
+    is over. None when there is no complete day to read yet.
     """
     from datetime import timedelta
 
     if cursor and not cursor.get("complete", True):
         return Window(start=date.fromisoformat(cursor["window_start"]), end=date.fromisoformat(cursor["window_end"]))
     if cursor and cursor.get("window_end"):
-        start = date.fromisoformat(cursor["window_end"])
+        start = date.fromisoformat(cursor["window_end"]) + timedelta(days=1)
     else:
         start = first_date or (today - timedelta(days=7))
-    if start > today:
+    end = today - timedelta(days=1)
+    if start > end:
         return None
-    return Window(start=start, end=today)
+    return Window(start=start, end=end)
 
 
 # --- one source, batch by batch ---------------------------------------------------------------------------------
