@@ -6,6 +6,7 @@ Usage: .venv/bin/python bench/bench_transform.py [N] [part_rows]
 from __future__ import annotations
 
 import gc
+import os
 import random
 import sys
 import tempfile
@@ -72,11 +73,12 @@ def main() -> None:
         del payloads
         gc.collect()
         gc.freeze()
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         res = transform_week(lake, refs, Window.for_week(date(2024, 1, 1)), "out")
-        dt = time.perf_counter() - t0
+        dt, cpu = time.perf_counter() - t0, time.process_time() - c0
     print(f"rows={res.fetched} valid={res.valid.rows} rejected={res.rejected} duplicates={res.duplicates}")
-    print(f"transform_week: {dt:.2f}s  {res.fetched / dt:,.0f} rows/s")
+    print(f"transform_week: {dt:.2f}s wall, {res.fetched / dt:,.0f} rows/s; {cpu:.2f} CPU-s (all threads)")
+    print(f"load average now: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores (other work skews wall time)")
 
 
 if __name__ == "__main__":

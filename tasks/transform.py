@@ -140,15 +140,25 @@ def _slow_extract(frame: pl.DataFrame) -> pl.DataFrame:
     return pl.DataFrame(rows, schema=EXTRACT_SCHEMA, orient="row")
 
 
-def _read_ndjson(payloads: pl.DataFrame) -> pl.DataFrame | None:
+def _read_ndjson(lines: pl.Series) -> pl.DataFrame | None:
     """All-String read of payload lines; None when Polars refuses the block (invalid JSON in it)."""
     buf = io.BytesIO()
-    payloads.select("payload").write_csv(buf, include_header=False, quote_style="never")
+    lines.to_frame("payload").write_csv(buf, include_header=False, quote_style="never")
     try:
         out = pl.read_ndjson(io.BytesIO(buf.getvalue()), schema=_READ_SCHEMA, ignore_errors=True)
     except pl.exceptions.PolarsError:
         return None
-    return out if out.height == payloads.height else None
+    return out if out.height == lines.len() else None
+
+
+def _unreadable_ranges(lines: pl.Series, start: int = 0) -> list[tuple[int, int]]:
+    """Bisect a block Polars refuses down to small row ranges holding the invalid JSON."""
+    if _read_ndjson(lines) is not None:
+        return []
+    if lines.len() <= _SLOW_CHUNK:
+        return [(start, start + lines.len())]
+    half = lines.len() // 2
+    return _unreadable_ranges(lines.slice(0, half), start) + _unreadable_ranges(lines.slice(half), start + half)
 
 
 def _key_checks(key: str, kind: str) -> pl.Expr:
@@ -161,60 +171,62 @@ def _key_checks(key: str, kind: str) -> pl.Expr:
     )
 
 
-def _fast_extract(frame: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame]:
-    """Returns (extracted rows, rows left for the slow path)."""
-    decoded = _read_ndjson(frame)
+def _needs_slow_path(raw: pl.DataFrame) -> pl.Series:
+    p = pl.col("payload")
+    return raw.select(
+        (
+            p.is_null()
+            | ~p.str.strip_chars(" \t").str.starts_with("{")
+            | p.str.contains("\n", literal=True)
+            | p.str.contains("\r", literal=True)
+            | p.str.contains("\\u", literal=True)
+        ).fill_null(True)
+    ).to_series()
+
+
+def extract_fields(raw: pl.DataFrame) -> pl.DataFrame:
+    """Raw rows (``_seq``, ``_page``, ``payload``) -> EXTRACT_SCHEMA, one row per input row, same order."""
+    raw = raw.select("_seq", "_page", "payload")
+    slow = _needs_slow_path(raw)
+
+    def lines_for(mask: pl.Series) -> pl.Series:
+        # slow rows are blanked to "{}" so the NDJSON lines stay aligned with the rows
+        return raw.select(pl.when(mask).then(pl.lit("{}")).otherwise(pl.col("payload"))).to_series()
+
+    decoded = _read_ndjson(lines_for(slow)) if raw.height else pl.DataFrame(schema=_READ_SCHEMA)
     if decoded is None:
-        if frame.height <= _SLOW_CHUNK:
-            return frame.clear().select("_seq", "_page", "payload").pipe(_empty_extract), frame
-        half = frame.height // 2
-        a_ok, a_slow = _fast_extract(frame.slice(0, half))
-        b_ok, b_slow = _fast_extract(frame.slice(half))
-        return pl.concat([a_ok, b_ok]), pl.concat([a_slow, b_slow])
-    both = pl.concat([frame.select("_seq", "_page", "payload"), decoded], how="horizontal").with_columns(
+        row = pl.int_range(raw.height, eager=True)
+        for lo, hi in _unreadable_ranges(lines_for(slow)):
+            slow = slow | ((row >= lo) & (row < hi))
+        decoded = _read_ndjson(lines_for(slow))
+        if decoded is None:  # cannot happen; stay correct anyway
+            slow = pl.repeat(True, raw.height, eager=True)
+            decoded = _read_ndjson(lines_for(slow))
+    assert decoded is not None
+    frame = pl.concat([raw, decoded], how="horizontal").with_columns(
         pl.lit(None, pl.String).alias("payload_error"),
         _key_checks("id", "s").alias("id_is_str"),
         _key_checks("customer_id", "s").alias("customer_id_is_str"),
         _key_checks("metadata", "o").alias("metadata_is_obj"),
     )
-    ambiguous = (
+    ambiguous = frame.select(
         (pl.col("id").is_not_null() & ~pl.col("id_is_str"))
         | (pl.col("customer_id").is_not_null() & ~pl.col("customer_id_is_str"))
         | (pl.col("metadata").is_not_null() & ~pl.col("metadata_is_obj"))
-    )
-    both = both.with_columns(ambiguous.alias("_ambiguous"))
-    slow = both.filter(pl.col("_ambiguous")).select("_seq", "_page", "payload")
-    ok = both.filter(~pl.col("_ambiguous")).select(list(EXTRACT_SCHEMA))
-    return ok, slow
-
-
-def _empty_extract(frame: pl.DataFrame) -> pl.DataFrame:
-    return pl.DataFrame(schema=EXTRACT_SCHEMA)
-
-
-def extract_fields(raw: pl.DataFrame) -> pl.DataFrame:
-    """Raw rows (``_seq``, ``_page``, ``payload``) -> EXTRACT_SCHEMA, one row per input row, sorted by ``_seq``."""
-    p = pl.col("payload")
-    needs_slow = (
-        p.is_null()
-        | ~p.str.strip_chars(" \t").str.starts_with("{")
-        | p.str.contains("\n", literal=True)
-        | p.str.contains("\r", literal=True)
-        | p.str.contains("\\u", literal=True)
-    ).fill_null(True)
-    flagged = raw.with_columns(needs_slow.alias("_slow"))
-    slow = flagged.filter(pl.col("_slow")).select("_seq", "_page", "payload")
-    fast = flagged.filter(~pl.col("_slow")).select("_seq", "_page", "payload")
-    parts = []
-    if fast.height:
-        ok, more_slow = _fast_extract(fast)
-        parts.append(ok)
-        slow = pl.concat([slow, more_slow])
-    if slow.height:
-        parts.append(_slow_extract(slow))
-    if not parts:
-        return pl.DataFrame(schema=EXTRACT_SCHEMA)
-    return pl.concat(parts).sort("_seq")
+    ).to_series()
+    index = (slow | ambiguous).arg_true()
+    frame = frame.select(list(EXTRACT_SCHEMA))
+    if index.len():
+        patch = _slow_extract(raw[index])
+        columns = []
+        for name in EXTRACT_SCHEMA:
+            if name in ("_seq", "_page", "payload"):
+                continue
+            column = frame.get_column(name).clone()
+            column.scatter(index, patch.get_column(name))
+            columns.append(column)
+        frame = frame.with_columns(columns)
+    return frame
 
 
 # --- validation: the contract as Polars expressions ----------------------------------------------
@@ -377,35 +389,28 @@ def validate_fields(extracted: pl.DataFrame) -> pl.DataFrame:
         rule = pl.when(cond).then(label) if rule is None else rule.when(cond).then(label)  # type: ignore[union-attr]
     assert rule is not None
     labelled = _derive(extracted).with_columns(rule.otherwise(pl.lit(None, pl.Int16)).alias("_rule"))
-    bad = labelled.filter(pl.col("_rule").is_not_null())
-    good = labelled.filter(pl.col("_rule").is_null()).with_columns(
-        pl.lit(None, pl.String).alias("_field"), pl.lit(None, pl.String).alias("_reason")
-    )
-    if bad.height:
+    failing = labelled.get_column("_rule").is_not_null().arg_true()
+    reasons = pl.repeat(None, labelled.height, dtype=pl.String, eager=True).alias("_reason")
+    if failing.len():
         reason: pl.Expr | None = None
         for k, (_, _, text) in enumerate(checks):
             hit = pl.col("_rule") == k
             reason = pl.when(hit).then(text) if reason is None else reason.when(hit).then(text)  # type: ignore[union-attr]
         assert reason is not None
-        bad = bad.with_columns(
-            pl.col("_rule")
-            .replace_strict(list(range(len(checks))), [field for field, _, _ in checks], return_dtype=pl.String)
-            .alias("_field"),
-            reason.otherwise(pl.lit(None, pl.String)).alias("_reason"),
+        reasons.scatter(failing, labelled[failing].select(reason).to_series())
+    return labelled.with_columns(
+        pl.col("_rule")
+        .replace_strict(
+            list(range(len(checks))), [field for field, _, _ in checks], default=None, return_dtype=pl.String
         )
-    else:
-        bad = good.clear()
-    return (
-        pl.concat([good, bad])
-        .sort("_seq")
-        .with_columns(
-            pl.col("_t_id").alias("id"),
-            pl.col("_t_customer_id").alias("customer_id"),
-            pl.col("_t_event_type").alias("event_type"),
-            pl.col("_amount").alias("amount"),
-            pl.col("_up_currency").alias("currency"),
-            pl.col("_utc").dt.replace_time_zone("UTC").alias("occurred_at"),
-        )
+        .alias("_field"),
+        reasons,
+        pl.col("_t_id").alias("id"),
+        pl.col("_t_customer_id").alias("customer_id"),
+        pl.col("_t_event_type").alias("event_type"),
+        pl.col("_amount").alias("amount"),
+        pl.col("_up_currency").alias("currency"),
+        pl.col("_utc").dt.replace_time_zone("UTC").alias("occurred_at"),
     )
 
 
@@ -448,6 +453,16 @@ def _window_check(frame: pl.DataFrame, window: Window, timezone: str) -> tuple[p
     return flagged.filter(pl.col("_inside")).drop("_inside", "_day"), outside
 
 
+def _raw_rows(lake: LakeFS, urls: list[str], seqs: pl.Series) -> pl.DataFrame:
+    """Raw rows (with their payload) for the given ``_seq`` values, read back from the raw parts."""
+    found = [pl.DataFrame(schema=RAW_SCHEMA)]
+    if seqs.len():
+        wanted = seqs.implode()
+        for url in urls:
+            found.append(_read_raw(lake, url).filter(pl.col("_seq").is_in(wanted)))
+    return pl.concat(found)
+
+
 def transform_week(
     lake: LakeFS,
     raw_files: Sequence[FileRef] | Sequence[str],
@@ -477,27 +492,27 @@ def transform_week(
                 checked = validate_fields(extract_fields(chunk))
                 bad = checked.filter(pl.col("_field").is_not_null())
                 contract_rejects.append(_reject_rows(bad, pl.col("_field"), pl.col("_reason")))
-                good = checked.filter(pl.col("_field").is_null()).select(*VALID_SCHEMA, "payload")
+                good = checked.select(*VALID_SCHEMA, "payload", "_field").filter(pl.col("_field").is_null())
                 good, outside = _window_check(good, window, timezone)
                 contract_rejects.append(outside)
-                good.write_parquet(spool / f"{part_no:06d}-{offset:012d}.parquet")
+                good.drop("payload", "_field").write_parquet(
+                    spool / f"{part_no:06d}-{offset:012d}.parquet", compression="lz4"
+                )
             log.info("validated raw part %d/%d (%d rows)", part_no + 1, len(urls), raw.height)
             del raw
         spooled = sorted(spool.glob("*.parquet"))
-        scan = (
-            pl.scan_parquet(spooled, schema={**VALID_SCHEMA, "payload": pl.String()})
-            if spooled
-            else pl.LazyFrame(schema={**VALID_SCHEMA, "payload": pl.String()})
-        )
         validated = time.perf_counter()
-        valid = scan.drop("payload").collect()
+        valid = pl.read_parquet(spooled, schema=VALID_SCHEMA) if spooled else pl.DataFrame(schema=VALID_SCHEMA)
 
-        # De-duplicate: latest occurred_at wins, ties -> highest _seq (received last). A numeric sort plus a
-        # hash-based "last occurrence" flag; no sort on the string ids.
-        ranked = valid.sort(["occurred_at", "_seq"]).with_columns(pl.col("id").is_last_distinct().alias("_keep"))
-        superseded = ranked.filter(~pl.col("_keep")).select("_seq", "id")
-        valid = ranked.filter(pl.col("_keep")).drop("_keep")
-        del ranked
+        # De-duplicate: latest occurred_at wins, ties -> highest _seq (received last).
+        # A 64-bit hash pre-filter keeps the exact string comparison to the (few) candidate rows.
+        candidates = valid.filter(pl.col("id").hash().is_duplicated())
+        superseded = (
+            candidates.sort(["occurred_at", "_seq"]).filter(~pl.col("id").is_last_distinct()).select("_seq", "id")
+        )
+        if superseded.height:
+            valid = valid.filter(~pl.col("_seq").is_in(superseded.get_column("_seq").implode()))
+        del candidates
 
         # Currency: per customer-week keep the currency with most events (ties -> alphabetical).
         per_currency = valid.group_by("customer_id", "currency").len()
@@ -520,7 +535,7 @@ def transform_week(
         valid = valid.sort("_seq")
 
         wanted = pl.concat([superseded.get_column("_seq"), mixed.get_column("_seq")])
-        payloads = scan.select("_seq", "_page", "payload").filter(pl.col("_seq").is_in(wanted.implode())).collect()
+        payloads = _raw_rows(lake, urls, wanted)
         dup_rejects = _reject_rows(
             payloads.join(superseded, on="_seq", how="inner"),
             pl.lit("id"),
