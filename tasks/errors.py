@@ -166,6 +166,15 @@ class DuplicateRunError(FatalError):
     """This pipeline already committed a successful run for the same week."""
 
 
+class BackfillError(FatalError):
+    """Some weeks of a backfill did not complete; ``failed`` lists them (week start -> final state)."""
+
+    def __init__(self, failed: dict[str, str]) -> None:
+        listed = ", ".join(f"{week} ({state})" for week, state in sorted(failed.items()))
+        super().__init__(f"{len(failed)} week(s) did not complete: {listed}; re-run the backfill for them")
+        self.failed = dict(failed)
+
+
 class SourceFileError(FatalError):
     """A source extract file (or the source itself) holds a value that cannot be read; names file and field."""
 
