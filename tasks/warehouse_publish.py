@@ -103,27 +103,24 @@ def _publish_one(conn: Connection, spec: MartSpec, frame: pl.DataFrame, *, full:
         copy_in(conn, tmp, frame)
     non_pk = [c for c in cols if c != spec.pk]
     row = ", ".join(f"s.{c}" for c in cols)
-    flags = [
-        r[0]
-        for r in conn.execute(
-            text(
-                f"insert into {target} as t ({', '.join(cols)}, row_hash, _published_at) "
-                f"select {row}, md5(row({row})::text), now() from {tmp} s "
-                f"on conflict ({spec.pk}) do update set "
-                + ", ".join(f"{c} = excluded.{c}" for c in non_pk)
-                + ", row_hash = excluded.row_hash, _published_at = excluded._published_at "
-                "where t.row_hash is distinct from excluded.row_hash returning (xmax = 0)"
-            )
-        )
-    ]
+    upsert = (
+        f"insert into {target} as t ({', '.join(cols)}, row_hash, _published_at) "
+        f"select {row}, md5(row({row})::text), now() from {tmp} s "
+        f"on conflict ({spec.pk}) do update set "
+        + ", ".join(f"{c} = excluded.{c}" for c in non_pk)
+        + ", row_hash = excluded.row_hash, _published_at = excluded._published_at "
+        "where t.row_hash is distinct from excluded.row_hash returning (xmax = 0) as inserted"
+    )
+    inserted, changed = conn.execute(
+        text(f"with w as ({upsert}) select count(*) filter (where inserted), count(*) from w")
+    ).one()
     deleted = 0
     if full:
         deleted = conn.execute(
             text(f"delete from {target} t where not exists (select 1 from {tmp} s where s.{spec.pk} = t.{spec.pk})")
         ).rowcount
     conn.execute(text(f"drop table {tmp}"))
-    inserted = sum(1 for f in flags if f)
-    updated = len(flags) - inserted
+    inserted, updated = int(inserted), int(changed) - int(inserted)
     return PublishCounts(
         mart=spec.name,
         rows=frame.height,

@@ -488,10 +488,12 @@ def upsert_raw(
         f"({', '.join('t.' + c for c in non_pk)}) is distinct from ({', '.join('excluded.' + c for c in non_pk)}) "
         "returning (xmax = 0) as inserted"
     )
-    flags = [r[0] for r in conn.execute(text(sql), {"source": source})]
+    # Count server-side: a million RETURNING rows shipped to Python would cost more than the upsert.
+    inserted, changed = conn.execute(
+        text(f"with w as ({sql}) select count(*) filter (where inserted), count(*) from w"), {"source": source}
+    ).one()
     conn.execute(text(f"drop table {tmp}"))
-    inserted = sum(1 for f in flags if f)
-    return inserted, len(flags) - inserted
+    return int(inserted), int(changed) - int(inserted)
 
 
 def sync_table(
