@@ -3,16 +3,21 @@
 Validation is vectorized in Polars and applies exactly the rules of :class:`tasks.contract.EventRecord`
 (the tests use the pydantic model as the oracle on every record). How a raw part is processed:
 
-1. Split each part into chunks; payloads that the fast path cannot read unambiguously (not starting with
-   ``{``, containing a raw newline or a ``\\u`` escape) go to the slow path.
-2. Fast path: the payloads are written as NDJSON and read ONCE by ``pl.read_ndjson`` with an all-String
-   schema (``ignore_errors=True``: a field of the wrong JSON type reads as its text). Whether ``id`` and
-   ``customer_id`` were JSON strings and ``metadata`` a JSON object is read off the raw text with cheap
-   literal checks (``"id":"`` present and ``"id"`` occurring once). Rows where that is ambiguous
-   (a nested key of the same name, odd spacing) and chunks Polars refuses (invalid JSON somewhere: the chunk
-   is bisected to isolate the bad rows) go to the slow path.
-3. Slow path (rare): :func:`tasks.contract.parse_payload` per row, producing the same columns.
-4. The contract rules run as one Polars expression chain; the first failing field (contract order) wins.
+1. Each part is cut into chunks of ``CHUNK_ROWS``, validated by a small thread pool (Polars releases the
+   GIL; most string kernels are single-threaded), results collected in submission order (deterministic).
+   Payloads the fast path cannot read unambiguously (not starting with ``{``, containing a raw newline or
+   a ``\\u`` escape) are marked for the slow path.
+2. Fast path: the chunk's payloads (slow rows blanked to ``{}`` to keep lines aligned) are written as NDJSON
+   and read ONCE by ``pl.read_ndjson`` with an all-String schema (``ignore_errors=True``: a field of the wrong
+   JSON type reads as its text). Whether ``id`` and ``customer_id`` were JSON strings and ``metadata`` a JSON
+   object is read off the raw text with cheap literal checks (``"id":"`` present and ``"id"`` occurring
+   once). Rows where that is ambiguous (a nested key of the same name, odd spacing) go to the slow path.
+   A chunk Polars refuses (invalid JSON somewhere) is bisected down to small row ranges, which go to the
+   slow path.
+3. Slow path (rare): :func:`tasks.contract.parse_payload` per row, producing the same columns, scattered
+   back into the chunk's columns.
+4. The contract rules run as one Polars expression chain giving the first failing check (contract order);
+   the human reason strings are built for the failing rows only.
 
 Then, in this order: window (local date of ``occurred_at`` in ``timezone`` within the window, else
 rejected), de-duplication by event id (latest ``occurred_at`` wins, ties -> highest ``_seq``; the others go to
@@ -21,17 +26,22 @@ alphabetical; other currencies' events are rejected), then aggregation.
 
 ``Total_Amount__c`` = sum(purchase + subscription_renewal amounts) - sum(refund amounts); summed exactly in
 integer micro-units (amount rounded to 6 decimals) and rounded to 2 decimals at the end, so the figure does not
-depend on row order. Valid rows of each part are spooled to a local temporary Parquet file, so only the
-normalized valid columns (not the raw payloads) of the week are ever held in memory at once.
+depend on row order. Valid rows of each chunk are spooled (without payload) to a local temporary Parquet
+file; the raw payloads of the week are never all in memory at once (the few payloads needed for duplicate and
+currency rejects are read back from the raw parts). The normalized valid rows of the week are held in memory
+once, for de-duplication and because ``LakeFS.write_parquet`` takes a frame.
 """
 
 from __future__ import annotations
 
 import io
 import logging
+import os
 import tempfile
 import time
+from collections import deque
 from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import date
 from pathlib import Path
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -108,7 +118,8 @@ METRICS_SCHEMA: dict[str, pl.DataType] = {
     "Last_Event_At__c": pl.Datetime("us", "UTC"),
 }
 DUPLICATE_REASON = "duplicate of a later record"
-CHUNK_ROWS = 100_000
+CHUNK_ROWS = 50_000
+WORKERS = max(2, min(4, os.cpu_count() or 2))  # Polars releases the GIL; string kernels are single-threaded
 _SLOW_CHUNK = 256
 
 _log = logging.getLogger(__name__)
@@ -453,6 +464,17 @@ def _window_check(frame: pl.DataFrame, window: Window, timezone: str) -> tuple[p
     return flagged.filter(pl.col("_inside")).drop("_inside", "_day"), outside
 
 
+def _process_chunk(chunk: pl.DataFrame, window: Window, timezone: str, target: Path) -> list[pl.DataFrame]:
+    """Validate one chunk; spool its valid rows to ``target``; return its rejects (contract, then window)."""
+    checked = validate_fields(extract_fields(chunk))
+    bad = checked.filter(pl.col("_field").is_not_null())
+    rejects = _reject_rows(bad, pl.col("_field"), pl.col("_reason"))
+    good = checked.select(*VALID_SCHEMA, "payload", "_field").filter(pl.col("_field").is_null())
+    good, outside = _window_check(good, window, timezone)
+    good.drop("payload", "_field").write_parquet(target, compression="lz4")
+    return [rejects, outside]
+
+
 def _raw_rows(lake: LakeFS, urls: list[str], seqs: pl.Series) -> pl.DataFrame:
     """Raw rows (with their payload) for the given ``_seq`` values, read back from the raw parts."""
     found = [pl.DataFrame(schema=RAW_SCHEMA)]
@@ -482,24 +504,21 @@ def transform_week(
     fetched = 0
     contract_rejects: list[pl.DataFrame] = []
     started = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="transform-") as spool_dir:
+    with tempfile.TemporaryDirectory(prefix="transform-") as spool_dir, ThreadPoolExecutor(WORKERS) as pool:
         spool = Path(spool_dir)
+        pending: deque[Future[list[pl.DataFrame]]] = deque()
         for part_no, url in enumerate(urls):
             raw = _read_raw(lake, url)
             fetched += raw.height
             for offset in range(0, raw.height, CHUNK_ROWS):
-                chunk = raw.slice(offset, CHUNK_ROWS)
-                checked = validate_fields(extract_fields(chunk))
-                bad = checked.filter(pl.col("_field").is_not_null())
-                contract_rejects.append(_reject_rows(bad, pl.col("_field"), pl.col("_reason")))
-                good = checked.select(*VALID_SCHEMA, "payload", "_field").filter(pl.col("_field").is_null())
-                good, outside = _window_check(good, window, timezone)
-                contract_rejects.append(outside)
-                good.drop("payload", "_field").write_parquet(
-                    spool / f"{part_no:06d}-{offset:012d}.parquet", compression="lz4"
-                )
-            log.info("validated raw part %d/%d (%d rows)", part_no + 1, len(urls), raw.height)
+                target = spool / f"{part_no:06d}-{offset:012d}.parquet"
+                pending.append(pool.submit(_process_chunk, raw.slice(offset, CHUNK_ROWS), window, timezone, target))
+                while len(pending) > 2 * WORKERS:  # bounded memory: at most a few chunks in flight
+                    contract_rejects.extend(pending.popleft().result())
+            log.info("read raw part %d/%d (%d rows)", part_no + 1, len(urls), raw.height)
             del raw
+        while pending:
+            contract_rejects.extend(pending.popleft().result())
         spooled = sorted(spool.glob("*.parquet"))
         validated = time.perf_counter()
         valid = pl.read_parquet(spooled, schema=VALID_SCHEMA) if spooled else pl.DataFrame(schema=VALID_SCHEMA)
