@@ -207,7 +207,11 @@ def _run_id() -> str:
         return uuid.uuid4().hex
 
 
-@flow(name="warehouse", description="OLTP -> raw -> staging -> marts with data tests, reconciliation and alerts.")
+@flow(
+    name="warehouse",
+    description="OLTP -> raw -> staging -> marts with data tests, reconciliation and alerts.",
+    timeout_seconds=4 * 3600,
+)
 def warehouse(
     run_date: date | None = None,
     full_refresh: bool = False,
