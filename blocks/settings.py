@@ -36,6 +36,9 @@ class PipelineSettings(Block):
     )
     salesforce_object: str = Field(default="Customer_Weekly_Metric__c", description="Target sObject API name.")
     external_id_field: str = Field(default="External_Id__c", description="External id field used for upserts.")
+    salesforce_poll_seconds: float = Field(
+        default=5.0, ge=0, le=300, description="Wait between Bulk API 2.0 job status polls (seconds)."
+    )
 
     @field_validator("timezone")
     @classmethod

@@ -202,6 +202,7 @@ def salesforce_sync(
     out_prefix: str,
     snapshot_rel: str,
     error_threshold_pct: float,
+    poll_seconds: float = 5.0,
 ) -> Any:
     log = _log(window, "salesforce_sync")
     sf = None
@@ -222,5 +223,6 @@ def salesforce_sync(
         snapshot_rel=snapshot_rel,
         error_threshold_pct=error_threshold_pct,
         reauth=reauth,
+        wait=poll_seconds,
         logger=log,
     )

@@ -11,6 +11,7 @@ Prefect Variable, and queued in the lake for replay when the database write fail
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 import uuid
@@ -27,7 +28,7 @@ from flows import stages
 from flows.notify import notify_failure
 from flows.runtime import WeeklyRuntime, weekly_runtime
 from tasks import tracking
-from tasks.errors import ConfigurationError, DataQualityError, PipelineError, redact_text
+from tasks.errors import ConfigurationError, DataQualityError, PipelineError, is_retryable, redact_text
 from tasks.models import Window
 from tasks.quality import RunStatus, enforce
 from tasks.weeks import parse_week, plan_weeks, today_in
@@ -37,6 +38,9 @@ STAGING_ZONE = "staging/events"
 CURATED_ZONE = "curated/events"
 SALESFORCE_ZONE = "salesforce"
 CHECKPOINT_LOCK = "weekly-etl-checkpoint"
+# Week-level retries after the task retries are spent (process behaviour, hence environment switches).
+FLOW_RETRIES = int(os.environ.get("WEEKLY_ETL_FLOW_RETRIES", "2"))
+FLOW_RETRY_BASE_SECONDS = float(os.environ.get("WEEKLY_ETL_FLOW_RETRY_BASE_SECONDS", "60"))
 
 
 class WeekOutcome(BaseModel):
@@ -253,6 +257,7 @@ def _process_week(rt: WeeklyRuntime, window: Window, *, full_refresh: bool, dry_
             f"{SALESFORCE_ZONE}/week={window.label}/{run_id}",
             f"{SALESFORCE_ZONE}/snapshot/{rt.settings.salesforce_object}.parquet",
             rt.settings.sf_error_threshold_pct,
+            rt.settings.salesforce_poll_seconds,
         )
         outcome.synced, outcome.sync_failed = sync.succeeded, sync.failed
         if sync.outbox is not None:
@@ -284,6 +289,30 @@ def _process_week(rt: WeeklyRuntime, window: Window, *, full_refresh: bool, dry_
         log.error("run record write failed: database unavailable; queued for replay")
     _advance_checkpoint(rt, window, run_id, log)
     return outcome
+
+
+def _process_week_with_retries(
+    rt: WeeklyRuntime, window: Window, *, full_refresh: bool, dry_run: bool, log: Any
+) -> WeekOutcome:
+    """Flow-level retries of one week: only for transient errors (the errors module decides), with exponential
+    backoff. Stages whose results are cached are not redone: a retry resumes at the stage that failed."""
+    for attempt in range(FLOW_RETRIES + 1):
+        try:
+            return _process_week(rt, window, full_refresh=full_refresh and attempt == 0, dry_run=dry_run, log=log)
+        except Exception as exc:
+            if attempt >= FLOW_RETRIES or not is_retryable(exc):
+                raise
+            delay = FLOW_RETRY_BASE_SECONDS * 4**attempt
+            log.warning(
+                "week %s failed with a transient %s; retrying the week in %.0f s (attempt %d of %d)",
+                window.label,
+                type(exc).__name__,
+                delay,
+                attempt + 2,
+                FLOW_RETRIES + 1,
+            )
+            time.sleep(delay)
+    raise AssertionError("unreachable")
 
 
 def _counts(outcome: WeekOutcome) -> dict[str, Any]:
@@ -319,10 +348,9 @@ def _summary_artifact(summary: WeeklySummary) -> None:
     name="weekly-reverse-etl",
     description="Events API -> validated Parquet lake -> quality gate -> Salesforce weekly customer metrics.",
     timeout_seconds=4 * 3600,
-    # Prefect 3.9 flows take one retry delay (the client casts it to int; a list fails at run creation), so the
-    # exponential backoff lives in the tasks (RETRY_DELAYS) and the flow retries the whole run twice, 5 min apart.
-    retries=2,
-    retry_delay_seconds=300,
+    # No Prefect flow retries: the server retries a flow whatever it raised (a DataQualityError would be
+    # re-run for nothing) and takes one fixed delay. Weeks are retried in the flow instead, only for
+    # transient errors, with exponential backoff (see _process_week_with_retries).
     on_failure=[notify_failure],
     log_prints=True,
 )
@@ -371,7 +399,7 @@ def weekly_reverse_etl(
             log.info("nothing due: the next batch week %s has not ended yet", checkpoint)
         for window in windows:
             summary.weeks.append(
-                _process_week(rt, window, full_refresh=full_refresh, dry_run=effective_dry_run, log=log)
+                _process_week_with_retries(rt, window, full_refresh=full_refresh, dry_run=effective_dry_run, log=log)
             )
         summary.next_week_start = tracking.get_checkpoint(rt.engine, rt.settings.pipeline_name)
     _summary_artifact(summary)
