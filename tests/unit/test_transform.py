@@ -249,3 +249,30 @@ def test_every_record_ends_valid_or_rejected(tmp_path_factory, payloads, part_si
             assert bad.get(seq) == field
     assert metrics.get_column("Event_Count__c").sum() == valid.height
     assert valid.get_column("id").n_unique() == valid.height
+
+
+def test_invalid_json_inside_a_large_chunk_is_isolated(lake, monkeypatch):
+    import tasks.transform as transform
+
+    monkeypatch.setattr(transform, "CHUNK_ROWS", 700)  # several chunks, validated on the thread pool
+    payloads = [ev(f"e{i}", customer=f"c{i % 5}") for i in range(2000)]
+    broken = {3: "{bad", 650: '{"id": NaN}', 1999: ev("x")[:-1], 1200: '{"id":"e1200"} trailing'}
+    for seq, text in broken.items():
+        payloads[seq] = text
+    payloads[10] = ev("nested", metadata={"id": 1, "metadata": "x"})  # ambiguous keys -> slow path, still valid
+    payloads[11] = json.dumps(json.loads(ev("pretty")), indent=2)  # raw newlines -> slow path, still valid
+    payloads[12] = ev("é-escaped", customer="Zoë")  # \u escapes -> slow path, still valid
+    res, valid, rejects, _ = run(lake, payloads, part_size=900)
+    assert res.rejected == len(broken) and res.duplicates == 0
+    assert rejects.select("_seq", "field").rows() == [(seq, "payload") for seq in sorted(broken)]
+    kept = valid.filter(pl.col("_seq").is_in([10, 11, 12]))
+    assert kept.get_column("id").to_list() == ["nested", "pretty", "é-escaped"]
+    assert kept.get_column("customer_id").to_list()[2] == "Zoë"
+    assert json.loads(kept.get_column("metadata")[0]) == {"id": 1, "metadata": "x"}
+
+
+def test_metadata_is_kept_as_json_text(lake):
+    _, valid, _, _ = run(lake, [ev("a", metadata={"k": "v", "n": [1, 2.5, None]}), ev("b", metadata=None), ev("c")])
+    texts = valid.sort("_seq").get_column("metadata").to_list()
+    assert json.loads(texts[0]) == {"k": "v", "n": [1, 2.5, None]}
+    assert texts[1:] == [None, None]
