@@ -28,7 +28,7 @@ from pydantic import BaseModel, Field
 from sqlalchemy import Engine
 
 from blocks.ingest import ApiIngestSource, CsvIngestSource, IngestSettings, RssIngestSource
-from tasks.errors import ConfigurationError, is_retryable, redact_text
+from tasks.errors import ConfigurationError, is_retryable, redact_text, redact_url
 from tasks.ingest_db import SchemaDiff, ensure_schema, finish_run, start_run
 from tasks.ingest_sources import (
     SourceOutcome,
@@ -132,11 +132,12 @@ def ingest_source(
         token = source.secret.get_secret_value() if source.secret else None
 
         def csv_batches(cp: Any):
-            line = 0
-            if cp is not None and cp.cursor.get("location") == redact_text(source.location):
-                line = int(cp.cursor.get("line", 0))
+            line, fingerprint = 0, None
+            if cp is not None and cp.cursor.get("location") == redact_url(source.location):
+                line, fingerprint = int(cp.cursor.get("line", 0)), cp.cursor.get("fingerprint")
             return read_csv_batches(
                 source.location,
+                fingerprint=fingerprint,
                 batch_size=source.batch_size,
                 encoding=source.encoding,
                 delimiter=source.delimiter,

@@ -254,9 +254,9 @@ create table if not exists normalized_data (
     content_hash text not null,
     run_id text not null,
     ingested_at timestamptz not null default now(),
-    unique (source, source_id)
+    -- leading source_id: this unique index is also the "index on source_id" (ON CONFLICT ignores column order)
+    constraint normalized_data_source_id_key unique (source_id, source)
 );
-create index if not exists normalized_data_source_id_idx on normalized_data (source_id);
 create index if not exists normalized_data_category_idx on normalized_data (category);
 create index if not exists normalized_data_created_at_idx on normalized_data (created_at, id);
 create index if not exists normalized_data_source_created_idx on normalized_data (source, created_at, id);
@@ -366,6 +366,7 @@ def upsert_normalized(conn: Connection, valid: pl.DataFrame, run_id: str) -> int
         return 0
     frame = (
         valid.unique(subset=["source", "source_id"], keep="last", maintain_order=True)
+        .sort("source_id", "source")  # index-ordered: the unique-index probes and inserts walk the btree in order
         .select(*NORMALIZED_SCHEMA)
         .with_columns(run_id=pl.lit(run_id))
     )

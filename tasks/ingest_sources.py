@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import codecs
 import csv
+import hashlib
 import io
 import logging
 from collections import deque
@@ -150,6 +151,7 @@ def read_csv_batches(
     encoding: str = "utf-8",
     delimiter: str = ",",
     start_after_line: int = 0,
+    fingerprint: str | None = None,
     timeout: float = 30.0,
     token: str | None = None,
     client: httpx.Client | None = None,
@@ -162,9 +164,11 @@ def read_csv_batches(
     * A record with the wrong number of fields (or a csv error) is rejected with its first line number; when it
       spans several physical lines only its first line is rejected and the rest is parsed again, so one stray
       quote cannot swallow the rest of the file.
-    * Records ending at or before ``start_after_line`` (the checkpoint) are skipped.
+    * Records starting at or before ``start_after_line`` (the checkpoint) are skipped, unless ``fingerprint``
+      (SHA-256 of the header line and the first data line, as stored in the cursor) shows a different file:
+      then the file is read from the start (records already loaded are no-ops downstream).
     * Bytes that are not valid ``encoding`` raise SourceFormatError naming the file and the line.
-    Each batch's cursor is ``{"location", "line"}``: the last physical line it consumed.
+    Each batch's cursor is ``{"location", "line", "fingerprint"}``; ``line`` is the last physical line consumed.
     """
     log = logger or _log
     enc = "utf-8-sig" if codecs.lookup(encoding).name == "utf-8" else encoding
@@ -176,13 +180,22 @@ def read_csv_batches(
         refs: list[int] = []
         rejects: list[dict[str, Any]] = []
         header: list[str] | None = None
+        header_text = ""
+        fp: str | None = None
         last_line = 0
+
+        def check_file(first_data_line: str) -> None:
+            nonlocal fp, start_after_line
+            fp = hashlib.sha256((header_text + "\n" + first_data_line).encode("utf-8", "surrogatepass")).hexdigest()
+            if start_after_line and fingerprint and fingerprint != fp:
+                log.warning("CSV %s changed since the checkpoint: reading it from the start", redact_url(location))
+                start_after_line = 0
 
         def flush() -> SourceBatch:
             batch = SourceBatch(
                 raw=raw_frame(payloads.copy(), refs.copy()),
                 rejects=pl.DataFrame(rejects.copy(), schema=REJECT_SCHEMA),
-                cursor={"location": redact_url(location), "line": last_line},
+                cursor={"location": redact_url(location), "line": last_line, "fingerprint": fp},
             )
             payloads.clear()
             refs.clear()
@@ -203,6 +216,8 @@ def read_csv_batches(
                 if not consumed:
                     raise SourceFormatError(location, f"unreadable CSV: {exc}") from exc
                 first_no, first_text = consumed[0]
+                if header is not None and fp is None:
+                    check_file(first_text)
                 lines.push_back(consumed[1:])
                 reader = csv.reader(lines, delimiter=delimiter, strict=True)
                 last_line = first_no
@@ -219,8 +234,11 @@ def read_csv_batches(
                 dupes = sorted({h for h in header if header.count(h) > 1})
                 if dupes:
                     raise SourceFormatError(location, f"header repeats column(s) {dupes}")
+                header_text = "".join(t for _, t in consumed)
                 last_line = end_no
                 continue
+            if fp is None:
+                check_file(consumed[0][1] if consumed else "")
             if not row or (len(row) == 1 and row[0] == ""):
                 last_line = end_no
                 continue  # blank line

@@ -93,3 +93,18 @@ def test_csv_over_http_from_a_real_server(file_server):
     with pytest.raises(SourceResponseError, match="404") as info:
         list(read_csv_batches(f"{base}/missing.csv?token=abc"))
     assert "abc" not in str(info.value)
+
+
+def test_a_replaced_file_is_read_from_the_start(tmp_path):
+    path = tmp_path / "f.csv"
+    path.write_text("id,v\n1,a\n2,b\n3,c\n")
+    first = list(read_csv_batches(str(path)))
+    cursor = first[-1].cursor
+    assert cursor["line"] == 4 and cursor["fingerprint"]
+    path.write_text("id,v\n1,a\n2,b\n3,c\n4,d\n")  # appended: only the new line
+    assert [
+        r[0] for r in _rows(read_csv_batches(str(path), start_after_line=4, fingerprint=cursor["fingerprint"]))
+    ] == [5]
+    path.write_text("id,v\n9,z\n8,y\n7,x\n6,w\n")  # a different file at the same place: everything
+    again = _rows(read_csv_batches(str(path), start_after_line=4, fingerprint=cursor["fingerprint"]))
+    assert [r[1]["id"] for r in again] == ["9", "8", "7", "6"]
