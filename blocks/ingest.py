@@ -9,7 +9,7 @@ from typing import Literal
 from urllib.parse import urlsplit
 
 from prefect.blocks.core import Block
-from pydantic import Field, SecretStr, field_validator
+from pydantic import ConfigDict, Field, SecretStr, field_validator
 
 from blocks.lake import Lake
 from blocks.source import SourceApi
@@ -66,6 +66,8 @@ def _check_location(value: str) -> str:
 
 
 class _IngestSourceBase(Block):
+    model_config = ConfigDict(hide_input_in_errors=True)  # a bad URL may hold credentials: never echo inputs
+
     name: str = Field(description="Source name: keys its checkpoint, raw rows and normalized rows (e.g. 'orders').")
     field_map: dict[str, str] = Field(
         default_factory=lambda: dict(DEFAULT_FIELD_MAP),
@@ -160,6 +162,7 @@ class IngestSettings(Block):
     _block_type_name = "Ingest Settings"
     _block_type_slug = "ingest-settings"
     _description = "Staging lake for API pages and the reject-rate gate of the ingestion flow."
+    model_config = ConfigDict(hide_input_in_errors=True)
 
     lake: Lake | None = Field(
         default=None, description="Lake where API pages are staged as raw Parquet (default: a local temp folder)."
