@@ -29,6 +29,7 @@ from flows.notify import notify_failure
 from flows.runtime import WeeklyRuntime, weekly_runtime
 from tasks import tracking
 from tasks.errors import ConfigurationError, DataQualityError, PipelineError, is_retryable, redact_text
+from tasks.lake import read_manifest
 from tasks.models import Window
 from tasks.quality import RunStatus, enforce
 from tasks.weeks import parse_week, plan_weeks, today_in
@@ -174,23 +175,40 @@ def _quality_artifact(window: Window, report: Any, files: dict[str, str]) -> Non
     )
 
 
-def _process_week(rt: WeeklyRuntime, window: Window, *, full_refresh: bool, dry_run: bool, log: Any) -> WeekOutcome:
+def _damaged_files(rt: WeeklyRuntime, window: Window) -> list[str]:
+    """Names of the committed week's files that are missing or whose size/SHA-256 differ (all, without manifest)."""
+    manifest = read_manifest(rt.lake, CURATED_ZONE, window.label)
+    if manifest is None:
+        return ["_manifest.json"]
+    return [name for name, ref in sorted(manifest.files.items()) if not rt.lake.file_ok(ref.url, ref.sha256, ref.bytes)]
+
+
+def _process_week(
+    rt: WeeklyRuntime, window: Window, *, full_refresh: bool, refresh_cache: bool, dry_run: bool, log: Any
+) -> WeekOutcome:
     pipeline = rt.settings.pipeline_name
     flow_run_id = _flow_run_id()
     existing = tracking.last_successful_run(rt.engine, pipeline, window.start)
+    replace_existing = full_refresh
     if existing is not None and not full_refresh:
-        log.info(
-            "week %s already committed by run %s; skipping (full_refresh=True reprocesses it)", window.label, existing
-        )
-        return WeekOutcome(
-            week_start=window.start,
-            run_id=str(existing),
-            status="SKIPPED",
-            skipped_reason=f"already committed by run {existing}",
-        )
+        damaged = _damaged_files(rt, window)
+        if not damaged:
+            log.info(
+                "week %s already committed by run %s and intact in the lake; skipping", window.label, existing.run_id
+            )
+            return WeekOutcome(
+                week_start=window.start,
+                run_id=existing.run_id,
+                status="SKIPPED",
+                skipped_reason=f"already committed by run {existing.run_id}",
+            )
+        # Committed, but the lake lost or changed files: run the week again. Cached stages make this cheap
+        # and the load stage re-uploads exactly the damaged files; the new run supersedes the old one.
+        log.warning("week %s is committed but %s missing or corrupt in the lake; repairing", window.label, damaged)
+        replace_existing = True
     run_id = str(uuid.uuid4())
     tracking.start_run(
-        rt.engine, pipeline, window.start, run_id=run_id, flow_run_id=flow_run_id, check_duplicate=not full_refresh
+        rt.engine, pipeline, window.start, run_id=run_id, flow_run_id=flow_run_id, check_duplicate=not replace_existing
     )
     outcome = WeekOutcome(week_start=window.start, run_id=run_id, status=RunStatus.RUNNING.value, dry_run=dry_run)
     stage = "extract"
@@ -206,14 +224,14 @@ def _process_week(rt: WeeklyRuntime, window: Window, *, full_refresh: bool, dry_
 
     try:
         tracking.start_stage(rt.engine, run_id, stage)
-        extracted = stages.extract.with_options(refresh_cache=full_refresh)(
+        extracted = stages.extract.with_options(refresh_cache=refresh_cache)(
             rt.source, rt.lake_block, window, f"{RAW_ZONE}/week={window.label}"
         )
         stage_done(stage, 0, extracted.rows, f"{extracted.pages} pages, {len(extracted.files)} files")
 
         stage = "validate_and_transform"
         tracking.start_stage(rt.engine, run_id, stage)
-        transformed = stages.validate_and_transform.with_options(refresh_cache=full_refresh)(
+        transformed = stages.validate_and_transform.with_options(refresh_cache=refresh_cache)(
             rt.lake_block, extracted, window, f"{STAGING_ZONE}/week={window.label}", rt.settings.timezone
         )
         outcome.fetched, outcome.rejected, outcome.duplicates = (
@@ -284,7 +302,7 @@ def _process_week(rt: WeeklyRuntime, window: Window, *, full_refresh: bool, dry_
 
     # Data is committed in the lake (and Salesforce). From here on, a tracking write that fails because the
     # database is unavailable is queued in the lake and replayed by the next run; nothing is lost.
-    finish = {"run_id": run_id, "status": outcome.status, "counts": _counts(outcome), "supersede": full_refresh}
+    finish = {"run_id": run_id, "status": outcome.status, "counts": _counts(outcome), "supersede": replace_existing}
     if not tracking.apply_or_queue(rt.engine, rt.lake, pipeline, "finish_run", finish):
         log.error("run record write failed: database unavailable; queued for replay")
     _advance_checkpoint(rt, window, run_id, log)
@@ -298,7 +316,15 @@ def _process_week_with_retries(
     backoff. Stages whose results are cached are not redone: a retry resumes at the stage that failed."""
     for attempt in range(FLOW_RETRIES + 1):
         try:
-            return _process_week(rt, window, full_refresh=full_refresh and attempt == 0, dry_run=dry_run, log=log)
+            # Only the first attempt refreshes the caches: a retry resumes from what the first one finished.
+            return _process_week(
+                rt,
+                window,
+                full_refresh=full_refresh,
+                refresh_cache=full_refresh and attempt == 0,
+                dry_run=dry_run,
+                log=log,
+            )
         except Exception as exc:
             if attempt >= FLOW_RETRIES or not is_retryable(exc):
                 raise
@@ -401,7 +427,10 @@ def weekly_reverse_etl(
             summary.weeks.append(
                 _process_week_with_retries(rt, window, full_refresh=full_refresh, dry_run=effective_dry_run, log=log)
             )
-        summary.next_week_start = tracking.get_checkpoint(rt.engine, rt.settings.pipeline_name)
+        try:
+            summary.next_week_start = tracking.get_checkpoint(rt.engine, pipeline)
+        except PipelineError as exc:  # the writes are queued; the summary just cannot show the value
+            log.warning("could not read the checkpoint for the summary: %s", type(exc).__name__)
     _summary_artifact(summary)
     return summary
 
