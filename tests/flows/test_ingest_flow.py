@@ -26,6 +26,23 @@ API_MAP = {
 }
 
 
+def _drift_events(source: str, timeout: float = 15.0) -> list:
+    """Events named ingest.schema.drift about ``source``, as the Prefect API stored them (polled: async delivery)."""
+    import time
+
+    from prefect.client.orchestration import get_client
+    from prefect.events.filters import EventFilter, EventNameFilter
+
+    deadline = time.monotonic() + timeout
+    with get_client(sync_client=True) as client:
+        while True:
+            page = client.read_events(EventFilter(event=EventNameFilter(name=["ingest.schema.drift"])), limit=50)
+            found = [e for e in page.events if e.resource.id == f"ingest.source.{source}"]
+            if found or time.monotonic() > deadline:
+                return found
+            time.sleep(0.3)
+
+
 def _artifact_keys() -> set[str]:
     from prefect.client.orchestration import get_client
 
@@ -107,5 +124,7 @@ def test_failed_source_fails_the_run_and_drift_is_published(prefect_harness, pg_
         assert run[2]["orders"]["upserted"] == 1  # the healthy source still loaded
         assert conn.execute(text("select added from etl_schema_drift")).scalar() == {"extra": "string"}
     assert "ingest-drift-orders" in _artifact_keys()
+    events = _drift_events("orders")
+    assert events and events[0].payload["added"] == {"extra": "string"} and events[0].payload["policy"] == "accept"
     stats = TestClient(create_app(db)).get("/stats").json()
     assert stats["run_count"] == 2 and "nope.csv" in stats["last_failure_reason"]
