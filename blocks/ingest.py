@@ -171,6 +171,10 @@ class IngestSettings(Block):
         default=100.0, ge=0, le=100, description="Fail a source when rejected/read exceeds this percentage."
     )
     staging_prefix: str = Field(default="ingest/raw", description="Lake prefix for staged API pages.")
+    search_indexes: bool = Field(
+        default=False,
+        description="Create pg_trgm GIN indexes on name and description (fast /data search; slower bulk loads).",
+    )
 
 
 __all__ = ["ApiIngestSource", "CsvIngestSource", "IngestSettings", "RssIngestSource"]

@@ -229,7 +229,7 @@ def ingest_flow(
     connector: SqlAlchemyConnector = _load(database, SqlAlchemyConnector, "database")
     cfg: IngestSettings = _load(settings, IngestSettings, "settings") if settings else IngestSettings()
     engine = connector.get_engine()
-    ensure_schema(engine)
+    ensure_schema(engine, search_indexes=cfg.search_indexes)
     run_id = _run_id()
     started = datetime.now(UTC)
     start_run(engine, run_id)

@@ -317,13 +317,26 @@ insert into etl_meta (id, data_version) values (1, 0) on conflict (id) do nothin
 """
 
 
-def ensure_schema(engine: Engine) -> None:
-    """Create every ingestion table and index if missing (safe to call concurrently: advisory lock)."""
+_SEARCH_DDL = """
+create extension if not exists pg_trgm;
+create index if not exists normalized_data_name_trgm_idx on normalized_data using gin (name gin_trgm_ops);
+create index if not exists normalized_data_description_trgm_idx on normalized_data using gin (description gin_trgm_ops);
+"""
+
+
+def ensure_schema(engine: Engine, *, search_indexes: bool = False) -> None:
+    """Create every ingestion table and index if missing (safe to call concurrently: advisory lock).
+
+    ``search_indexes=True`` also creates pg_trgm GIN indexes on ``name`` and ``description`` so the API's
+    ``search`` (ILIKE '%term%') stops scanning the table; opt-in because they slow the bulk load down.
+    """
     with engine.begin() as conn:
         conn.execute(text("select pg_advisory_xact_lock(hashtext('ingest-schema'))"))
         for table in RAW_TABLES.values():
             conn.exec_driver_sql(_RAW_DDL.format(t=table))
         conn.exec_driver_sql(_DDL)
+        if search_indexes:
+            conn.exec_driver_sql(_SEARCH_DDL)
 
 
 # --- COPY + upsert ----------------------------------------------------------------------------------------------

@@ -51,7 +51,10 @@ def _seed(engine):
 
 @pytest.fixture(scope="module")
 def seeded(ingest_engine_module):
-    """Shared, read-only seed data (tests that write use ``fresh``)."""
+    """Shared, read-only seed data (tests that write use ``fresh``); with the optional pg_trgm search indexes."""
+    from tasks.ingest_db import ensure_schema
+
+    ensure_schema(ingest_engine_module, search_indexes=True)
     return _seed(ingest_engine_module)
 
 
