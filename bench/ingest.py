@@ -14,6 +14,7 @@ Targets: load >= 100k rows/s, deep-page p99 < 50 ms.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import threading
@@ -31,7 +32,7 @@ from sqlalchemy import create_engine
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from api.app import create_app  # noqa: E402
-from tasks.ingest_db import NORMALIZED_SCHEMA, ensure_schema, upsert_normalized  # noqa: E402
+from tasks.ingest_db import NORMALIZED_SCHEMA, copy_frame, ensure_schema, upsert_normalized  # noqa: E402
 
 
 def make_rows(n: int, offset: int = 0, salt: str = "") -> pl.DataFrame:
@@ -88,6 +89,21 @@ def main() -> int:
         load_s = time.perf_counter() - t0
         print(f"load: {written:,} rows in {load_s:.2f}s = {written / load_s:,.0f} rows/s "
               f"(batches of {args.batch:,}; target >= 100,000)")  # fmt: skip
+
+        # same machine, same moment: raw COPY of the same rows into an index-free table (the ceiling)
+        with engine.begin() as conn:
+            conn.exec_driver_sql("create table copy_baseline (like normalized_data including defaults)")
+        t0 = time.perf_counter()
+        for frame in frames:
+            with engine.begin() as conn:
+                copy_frame(conn, "copy_baseline", frame.with_columns(run_id=pl.lit("bench")))
+        copy_s = time.perf_counter() - t0
+        with engine.begin() as conn:
+            conn.exec_driver_sql("drop table copy_baseline")
+        print(
+            f"raw COPY baseline (no indexes, no conflict check): {args.rows / copy_s:,.0f} rows/s; upsert path = "
+            f"{copy_s / load_s:.0%} of it; load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs"
+        )
 
         tenth = max(1, args.rows // 10)
         same = make_rows(tenth, 0)
