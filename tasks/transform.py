@@ -464,15 +464,21 @@ def _window_check(frame: pl.DataFrame, window: Window, timezone: str) -> tuple[p
     return flagged.filter(pl.col("_inside")).drop("_inside", "_day"), outside
 
 
-def _process_chunk(chunk: pl.DataFrame, window: Window, timezone: str, target: Path) -> list[pl.DataFrame]:
-    """Validate one chunk; spool its valid rows to ``target``; return its rejects (contract, then window)."""
+def _process_chunk(chunk: pl.DataFrame, window: Window, timezone: str, target: Path, reject_target: Path) -> None:
+    """Validate one chunk; spool its valid rows to ``target`` and its rejects (contract, then window) to
+    ``reject_target``.
+
+    Rejects are spooled rather than returned: a filtered String column is a view that keeps the whole chunk's
+    string buffers alive (payloads and all parsed fields), so holding each chunk's few rejects in memory made the
+    transform's RSS grow by ~14 MB per 50,000-row chunk. Written to Parquet, only the rejected rows' bytes remain.
+    """
     checked = validate_fields(extract_fields(chunk))
     bad = checked.filter(pl.col("_field").is_not_null())
     rejects = _reject_rows(bad, pl.col("_field"), pl.col("_reason"))
     good = checked.select(*VALID_SCHEMA, "payload", "_field").filter(pl.col("_field").is_null())
     good, outside = _window_check(good, window, timezone)
     good.drop("payload", "_field").write_parquet(target, compression="lz4")
-    return [rejects, outside]
+    pl.concat([rejects, outside], how="vertical").write_parquet(reject_target, compression="lz4")
 
 
 def _raw_rows(lake: LakeFS, urls: list[str], seqs: pl.Series) -> pl.DataFrame:
@@ -502,24 +508,29 @@ def transform_week(
         raise ConfigurationError("timezone", f"unknown IANA timezone {timezone!r}") from exc
     urls = [ref.url if isinstance(ref, FileRef) else str(ref) for ref in raw_files]
     fetched = 0
-    contract_rejects: list[pl.DataFrame] = []
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="transform-") as spool_dir, ThreadPoolExecutor(WORKERS) as pool:
-        spool = Path(spool_dir)
-        pending: deque[Future[list[pl.DataFrame]]] = deque()
+        spool = Path(spool_dir) / "valid"
+        reject_spool = Path(spool_dir) / "rejects"
+        spool.mkdir()
+        reject_spool.mkdir()
+        pending: deque[Future[None]] = deque()
         for part_no, url in enumerate(urls):
             raw = _read_raw(lake, url)
             fetched += raw.height
             for offset in range(0, raw.height, CHUNK_ROWS):
-                target = spool / f"{part_no:06d}-{offset:012d}.parquet"
-                pending.append(pool.submit(_process_chunk, raw.slice(offset, CHUNK_ROWS), window, timezone, target))
+                name = f"{part_no:06d}-{offset:012d}.parquet"
+                chunk = raw.slice(offset, CHUNK_ROWS)
+                pending.append(pool.submit(_process_chunk, chunk, window, timezone, spool / name, reject_spool / name))
                 while len(pending) > 2 * WORKERS:  # bounded memory: at most a few chunks in flight
-                    contract_rejects.extend(pending.popleft().result())
+                    pending.popleft().result()
             log.info("read raw part %d/%d (%d rows)", part_no + 1, len(urls), raw.height)
             del raw
         while pending:
-            contract_rejects.extend(pending.popleft().result())
+            pending.popleft().result()
         spooled = sorted(spool.glob("*.parquet"))
+        reject_files = sorted(reject_spool.glob("*.parquet"))
+        contract_rejects = [pl.read_parquet(reject_files, schema=REJECT_SCHEMA)] if reject_files else []
         validated = time.perf_counter()
         valid = pl.read_parquet(spooled, schema=VALID_SCHEMA) if spooled else pl.DataFrame(schema=VALID_SCHEMA)
 
