@@ -18,6 +18,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta
 from pathlib import Path
@@ -34,7 +35,7 @@ POOL = "weekly-etl-process"
 CODE_DIRS = ("flows", "tasks", "blocks", "api")
 WEEK = date(2024, 1, 8)  # a Monday
 
-pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
 
 def _free_port() -> int:
@@ -228,7 +229,9 @@ def _run_id_from_cli(output: str) -> str:
     raise AssertionError(f"no flow run UUID in `prefect deployment run` output:\n{output}")
 
 
-def test_deploy_run_and_concurrency_limit(stack: Stack, tmp_path: Path) -> None:
+def test_deploy_run_concurrency_limit_and_backfill(
+    stack: Stack, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     checkout = _make_checkout(tmp_path / "checkout")
     lake_dir = tmp_path / "lake"
     server = stack.start("server", [PREFECT, "server", "start"], cwd=tmp_path)
@@ -275,34 +278,74 @@ def test_deploy_run_and_concurrency_limit(stack: Stack, tmp_path: Path) -> None:
     _wait_for(stack, run_a, {"PENDING", "RUNNING"}, deadline_s=45)
     stack.mark("run A pending/running")
     assert worker.poll() is None, stack.logs()
-    # Run B: the same week again while A holds the deployment's only slot (taken at PENDING, held until A ends).
-    run_b = _api(
-        stack,
-        "POST",
-        f"/deployments/{deployment['id']}/create_flow_run",
-        json={"parameters": {"week": WEEK.isoformat(), "full_refresh": True}},
-    )["id"]
-
-    runs = _wait_final(stack, [run_a, run_b], deadline_s=120)
+    # Meanwhile, two backfills. B: the same week again, as a deployment run (`mode="deployment"`, full refresh)
+    # created while A holds the deployment's only slot (taken at PENDING, held until A ends), from a thread.
+    # And the next two weeks as subflow runs in this process (both in flight at once), from the checkout, as an
+    # operator would run `python -m flows.backfill` there: same embedded tracking database as the deployment runs
+    # (the checkpoint's source of truth; the Variable mirrors it).
+    subflow_weeks = [WEEK + timedelta(weeks=1), WEEK + timedelta(weeks=2)]
+    with ThreadPoolExecutor(max_workers=1) as executor:
+        by_deployment_future = executor.submit(_backfill, stack, WEEK, WEEK, "deployment", True)
+        monkeypatch.chdir(checkout)
+        by_subflow = _backfill(stack, subflow_weeks[0], subflow_weeks[-1], "subflow", False)
+        stack.mark("backfill (subflows) done")
+        by_deployment = by_deployment_future.result(timeout=180)
+        stack.mark("backfill (deployment run B) done")
+    [run_b] = [w.flow_run_id for w in by_deployment.weeks]
+    runs = _wait_final(stack, [run_a, run_b], deadline_s=30)
     for rid, run in runs.items():
         assert run["state"]["type"] == "COMPLETED", f"{rid}: {run['state']}\n{stack.logs()}"
-    stack.mark("runs A and B completed")
     assert runs[run_a]["parameters"]["week"] == WEEK.isoformat()
 
-    # B was held back while A ran, then ran after A finished: never two Running at once.
-    states_a, states_b = _states(stack, run_a), _states(stack, run_b)
+    # B was held back while A ran (AwaitingConcurrencySlot), then ran after A finished: never two Running at once.
+    states_b = _states(stack, run_b)
     assert any(s["name"] == "AwaitingConcurrencySlot" for s in states_b), [s["name"] for s in states_b]
-    a_end = max(_ts(s["timestamp"]) for s in states_a if s["type"] == "COMPLETED")
-    b_running = min(_ts(s["timestamp"]) for s in states_b if s["type"] == "RUNNING")
-    assert b_running >= a_end, (b_running, a_end)
+    (_, a_end), (b_start, _) = _running_interval(stack, run_a), _running_interval(stack, run_b)
+    assert b_start >= a_end, (b_start, a_end)
 
-    # Outputs: lake files for the week under the Lake block's folder, and the checkpoint Variable advanced.
-    files = [p for p in lake_dir.rglob("*") if p.is_file()]
-    assert any(p.suffix == ".parquet" for p in files), sorted(map(str, files))
-    assert any(WEEK.isoformat() in str(p) for p in files), sorted(map(str, files))
+    # Backfill results: every week completed, each linked to its backfill run, the deployment one on the deployment.
+    assert [w.week_start for w in by_subflow.weeks] == subflow_weeks
+    assert [w.week_start for w in by_deployment.weeks] == [WEEK]
+    for week_run in [*by_subflow.weeks, *by_deployment.weeks]:
+        assert week_run.state == "COMPLETED", week_run
+        run = _api(stack, "GET", f"/flow_runs/{week_run.flow_run_id}")
+        assert run["parameters"]["week"] == week_run.week_start.isoformat()
+        assert run["parent_task_run_id"], "each week is linked to the backfill run"
+    assert _api(stack, "GET", f"/flow_runs/{run_b}")["deployment_id"] == deployment["id"]
+    assert runs[run_b]["parameters"]["full_refresh"] is True
+
+    # Outputs: Parquet for every week under the saved Lake block's folder, and the checkpoint Variable advanced
+    # past the last week (it only moves forward).
+    files = [p for p in lake_dir.rglob("*.parquet")]
+    for week in [WEEK, *subflow_weeks]:
+        assert any(f"week={week.isoformat()}" in str(p) for p in files), (week, sorted(map(str, files)))
     checkpoint = _api(stack, "GET", "/variables/name/weekly-checkpoint")["value"]
-    assert checkpoint["next_week_start"] == (WEEK + timedelta(days=7)).isoformat(), checkpoint
+    assert checkpoint["next_week_start"] == (subflow_weeks[-1] + timedelta(days=7)).isoformat(), checkpoint
     assert checkpoint["last_run_id"] and checkpoint["updated_at"], checkpoint
-    # The pull step ran the flows in the checkout: the embedded SQLite tracking file landed there.
+    # The pull step ran the deployment's flows in the checkout: the embedded SQLite tracking file landed there.
     assert (checkout / ".data" / "weekly.db").is_file()
     assert not (checkout / "lake").exists(), "the saved Lake block must win over the ./lake default"
+
+
+def _running_interval(stack: Stack, run_id: str) -> tuple[datetime, datetime]:
+    states = _states(stack, run_id)
+    started = min(_ts(s["timestamp"]) for s in states if s["type"] == "RUNNING")
+    ended = max(_ts(s["timestamp"]) for s in states if s["type"] == "COMPLETED")
+    return started, ended
+
+
+def _backfill(stack: Stack, start: date, end: date, mode: str, full_refresh: bool) -> Any:
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from flows.backfill import weekly_backfill
+
+    with temporary_settings({PREFECT_API_URL: stack.api}):
+        return weekly_backfill(
+            start=start,
+            end=end,
+            full_refresh=full_refresh,
+            max_concurrency=2,
+            mode=mode,
+            deployment=f"weekly-reverse-etl/{DEPLOYMENT}",
+            week_timeout_seconds=150,
+        )
