@@ -16,6 +16,7 @@ second backfill over just them repairs the gap (``full_refresh`` reprocesses wee
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from datetime import date, timedelta
 from typing import Any, Literal
@@ -158,6 +159,9 @@ def weekly_backfill(
 
 
 def main(argv: list[str] | None = None) -> int:
+    # The ephemeral API server takes 8-12 s to start here, more on a loaded machine; Prefect gives up at 20 s.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     parser = argparse.ArgumentParser(prog="python -m flows.backfill", description=weekly_backfill.description)
     parser.add_argument("--start", required=True, help="first week start (a Monday, YYYY-MM-DD)")
     parser.add_argument("--end", required=True, help="last week start (a Monday, YYYY-MM-DD), inclusive")
