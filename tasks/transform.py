@@ -28,8 +28,10 @@ alphabetical; other currencies' events are rejected), then aggregation.
 integer micro-units (amount rounded to 6 decimals) and rounded to 2 decimals at the end, so the figure does not
 depend on row order. Valid rows of each chunk are spooled (without payload) to a local temporary Parquet
 file; the raw payloads of the week are never all in memory at once (the few payloads needed for duplicate and
-currency rejects are read back from the raw parts). The normalized valid rows of the week are held in memory
-once, for de-duplication and because ``LakeFS.write_parquet`` takes a frame.
+currency rejects are read back from the raw parts), and neither are the week's valid rows: de-duplication,
+the currency rule, the valid file (``sink_parquet`` to a local spool file, then one lake write) and the
+aggregation scan the spool files lazily, so memory stays flat in the week's size (the de-duplication keeps a
+64-bit id hash and ``_seq`` per row). Each chunk's rejects are spooled too (see :func:`_process_chunk`).
 """
 
 from __future__ import annotations
@@ -532,20 +534,29 @@ def transform_week(
         reject_files = sorted(reject_spool.glob("*.parquet"))
         contract_rejects = [pl.read_parquet(reject_files, schema=REJECT_SCHEMA)] if reject_files else []
         validated = time.perf_counter()
-        valid = pl.read_parquet(spooled, schema=VALID_SCHEMA) if spooled else pl.DataFrame(schema=VALID_SCHEMA)
+        # The valid rows stay in the spool files: every step below scans them lazily (Polars streams the
+        # scans), so memory does not grow with the week beyond 16 bytes per row for the de-duplication keys.
+        spool_scan = pl.scan_parquet(spooled, schema=VALID_SCHEMA) if spooled else pl.LazyFrame(schema=VALID_SCHEMA)
 
         # De-duplicate: latest occurred_at wins, ties -> highest _seq (received last).
         # A 64-bit hash pre-filter keeps the exact string comparison to the (few) candidate rows.
-        candidates = valid.filter(pl.col("id").hash().is_duplicated())
+        keys = spool_scan.select("_seq", pl.col("id").hash().alias("_hash")).collect()
+        in_seq_order = keys.get_column("_seq").is_sorted()  # raw parts given in receive order (the usual case)
+        repeated = keys.filter(pl.col("_hash").is_duplicated()).get_column("_hash")
+        del keys
+        candidates = (
+            spool_scan.filter(pl.col("id").hash().is_in(repeated.implode())).select("_seq", "id", "occurred_at")
+        ).collect()
         superseded = (
             candidates.sort(["occurred_at", "_seq"]).filter(~pl.col("id").is_last_distinct()).select("_seq", "id")
         )
+        kept = spool_scan
         if superseded.height:
-            valid = valid.filter(~pl.col("_seq").is_in(superseded.get_column("_seq").implode()))
+            kept = kept.filter(~pl.col("_seq").is_in(superseded.get_column("_seq").implode()))
         del candidates
 
         # Currency: per customer-week keep the currency with most events (ties -> alphabetical).
-        per_currency = valid.group_by("customer_id", "currency").len()
+        per_currency = kept.group_by("customer_id", "currency").len().collect()
         if per_currency.height > per_currency.get_column("customer_id").n_unique():
             dominant = (
                 per_currency.sort(["customer_id", "len", "currency"], descending=[False, True, False])
@@ -553,16 +564,24 @@ def transform_week(
                 .first()
                 .select("customer_id", pl.col("currency").alias("_dominant"))
             )
-            valid = valid.join(dominant, on="customer_id", how="left")
-            mixed = valid.filter(pl.col("currency") != pl.col("_dominant")).select(
-                "_seq", "id", "currency", "_dominant"
+            mixed = (
+                kept.join(dominant.lazy(), on="customer_id", how="left")
+                .filter(pl.col("currency") != pl.col("_dominant"))
+                .select("_seq", "id", "currency", "_dominant")
+                .collect()
+                .sort("_seq")
             )
-            valid = valid.filter(pl.col("currency") == pl.col("_dominant")).drop("_dominant")
+            kept = kept.filter(~pl.col("_seq").is_in(mixed.get_column("_seq").implode()))
         else:
             mixed = pl.DataFrame(
                 schema={"_seq": pl.Int64(), "id": pl.String(), "currency": pl.String(), "_dominant": pl.String()}
             )
-        valid = valid.sort("_seq")
+        kept = kept.select(list(VALID_SCHEMA))
+        if not in_seq_order:  # raw parts out of receive order: sorting needs the valid rows in memory
+            kept = kept.sort("_seq")
+        valid_file = Path(spool_dir) / "valid.parquet"
+        kept.sink_parquet(valid_file, compression="zstd")
+        valid_rows = pl.scan_parquet(valid_file).select(pl.len()).collect().item()
 
         wanted = pl.concat([superseded.get_column("_seq"), mixed.get_column("_seq")])
         payloads = _raw_rows(lake, urls, wanted)
@@ -579,36 +598,36 @@ def transform_week(
             + pl.lit(" (most events, ties alphabetical), got ")
             + pl.col("currency"),
         )
-    counted = pl.concat([*contract_rejects, currency_rejects], how="vertical")
-    rejects = pl.concat([counted, dup_rejects]).sort("_seq")
-    rejected, duplicates = counted.height, dup_rejects.height
-    if fetched != valid.height + rejected + duplicates:
-        raise IntegrityError(
-            f"transform lost or duplicated rows: fetched {fetched} != valid {valid.height} + rejected {rejected} "
-            f"+ duplicates {duplicates}"
-        )
-    if rejects.get_column("_seq").n_unique() != rejects.height:
-        raise IntegrityError("transform rejected the same record twice")
+        counted = pl.concat([*contract_rejects, currency_rejects], how="vertical")
+        rejects = pl.concat([counted, dup_rejects]).sort("_seq")
+        rejected, duplicates = counted.height, dup_rejects.height
+        if fetched != valid_rows + rejected + duplicates:
+            raise IntegrityError(
+                f"transform lost or duplicated rows: fetched {fetched} != valid {valid_rows} + rejected {rejected} "
+                f"+ duplicates {duplicates}"
+            )
+        if rejects.get_column("_seq").n_unique() != rejects.height:
+            raise IntegrityError("transform rejected the same record twice")
 
-    metrics = aggregate_metrics(valid, window)
-    ruled = time.perf_counter()
-    top = (
-        counted.group_by(pl.col("field") + pl.lit(": ") + pl.col("reason").str.split(", got ").list.first())
-        .len()
-        .sort(["len", "field"], descending=[True, False])
-        .head(10)
-    )
-    prefix = out_prefix.rstrip("/")
-    valid_ref = lake.write_parquet(valid.select(list(VALID_SCHEMA)), f"{prefix}/valid.parquet")
-    rejects_ref = lake.write_parquet(rejects, f"{prefix}/rejects.parquet")
-    metrics_ref = lake.write_parquet(metrics, f"{prefix}/metrics.parquet")
+        metrics = aggregate_metrics(pl.scan_parquet(valid_file), window)
+        ruled = time.perf_counter()
+        top = (
+            counted.group_by(pl.col("field") + pl.lit(": ") + pl.col("reason").str.split(", got ").list.first())
+            .len()
+            .sort(["len", "field"], descending=[True, False])
+            .head(10)
+        )
+        prefix = out_prefix.rstrip("/")
+        valid_ref = lake.write_bytes(f"{prefix}/valid.parquet", valid_file.read_bytes(), rows=valid_rows)
+        rejects_ref = lake.write_parquet(rejects, f"{prefix}/rejects.parquet")
+        metrics_ref = lake.write_parquet(metrics, f"{prefix}/metrics.parquet")
     done = time.perf_counter()
     log.info(
         "transform %s: fetched=%d valid=%d rejected=%d duplicates=%d customers=%d "
         "(validate %.2fs, dedup/currency/aggregate %.2fs, write %.2fs)",
         window.label,
         fetched,
-        valid.height,
+        valid_rows,
         rejected,
         duplicates,
         metrics.height,
@@ -628,14 +647,18 @@ def transform_week(
     )
 
 
-def aggregate_metrics(valid: pl.DataFrame, window: Window) -> pl.DataFrame:
-    """One row per customer for the week, Salesforce API names, sorted by ``External_Id__c``."""
+def aggregate_metrics(valid: pl.DataFrame | pl.LazyFrame, window: Window) -> pl.DataFrame:
+    """One row per customer for the week, Salesforce API names, sorted by ``External_Id__c``.
+
+    ``valid`` may be lazy (e.g. a scan of the valid rows' file): the group-by then streams.
+    """
     week: date = window.start
     micro = (pl.col("amount") * 1_000_000).round(0).cast(pl.Int128)
     plus = pl.col("event_type").is_in(["purchase", "subscription_renewal"])
     minus = pl.col("event_type") == "refund"
     metrics = (
-        valid.group_by("customer_id")
+        valid.lazy()
+        .group_by("customer_id")
         .agg(
             *[(pl.col("event_type") == kind).sum().cast(pl.Int64).alias(col) for kind, col in COUNT_COLUMNS.items()],
             pl.len().cast(pl.Int64).alias("Event_Count__c"),
@@ -651,4 +674,4 @@ def aggregate_metrics(valid: pl.DataFrame, window: Window) -> pl.DataFrame:
             ((pl.col("_plus") - pl.col("_minus")).cast(pl.Float64) / 1_000_000).round(2).alias("Total_Amount__c"),
         )
     )
-    return metrics.select(list(METRICS_SCHEMA)).cast(METRICS_SCHEMA).sort("External_Id__c")
+    return metrics.select(list(METRICS_SCHEMA)).cast(METRICS_SCHEMA).sort("External_Id__c").collect()
