@@ -437,9 +437,16 @@ def _reject_rows(frame: pl.DataFrame, field: pl.Expr, reason: pl.Expr) -> pl.Dat
 # --- the stage ------------------------------------------------------------------------------------
 
 
-def _read_raw(lake: LakeFS, url: str) -> pl.DataFrame:
+def _read_raw(lake: LakeFS, url: str, seqs: pl.Series | None = None) -> pl.DataFrame:
+    """One raw part in RAW_SCHEMA; only the rows whose ``_seq`` is in ``seqs`` when given."""
     try:
-        frame = lake.read_parquet(url)
+        if seqs is None:
+            frame = lake.read_parquet(url)
+        else:
+            # The predicate goes into the Parquet reader, which then decodes only the wanted rows. Filtering an
+            # eager read instead returns String views that pin the whole part's payload buffer (~10 MB a part).
+            wanted = pl.col("_seq").is_in(seqs.implode())
+            frame = pl.scan_parquet(io.BytesIO(lake.read_bytes(url))).filter(wanted).collect()
     except FileNotFoundError as exc:
         raise RawPartError(url, "raw part does not exist") from exc
     except (ConnectionError, TimeoutError) as exc:
@@ -487,9 +494,8 @@ def _raw_rows(lake: LakeFS, urls: list[str], seqs: pl.Series) -> pl.DataFrame:
     """Raw rows (with their payload) for the given ``_seq`` values, read back from the raw parts."""
     found = [pl.DataFrame(schema=RAW_SCHEMA)]
     if seqs.len():
-        wanted = seqs.implode()
         for url in urls:
-            found.append(_read_raw(lake, url).filter(pl.col("_seq").is_in(wanted)))
+            found.append(_read_raw(lake, url, seqs))
     return pl.concat(found)
 
 
