@@ -75,6 +75,11 @@ def test_top_level(config: dict[str, Any]) -> None:
     assert pull["prefect.deployments.steps.set_working_directory"]["directory"] == f"{{{{ {step['id']}.stdout }}}}"
 
 
+def test_deployment_names_are_unique(config: dict[str, Any]) -> None:
+    names = [d["name"] for d in config["deployments"]]
+    assert len(names) == len(set(names)), names
+
+
 def test_weekly_deployment(deployments: dict[str, dict[str, Any]]) -> None:
     weekly = deployments["weekly-reverse-etl"]
     assert weekly["entrypoint"] == "flows/weekly.py:weekly_reverse_etl"
