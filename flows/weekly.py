@@ -462,8 +462,14 @@ def main(argv: list[str] | None = None) -> int:
         week = parse_week(args.week) if args.week else None
     except ConfigurationError as exc:
         parser.error(str(exc))
+    from prefect.settings import PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS, temporary_settings
+
+    # The ephemeral API server takes 8-12 s to start here and more on a loaded machine; Prefect gives up at
+    # 20 s by default. (Settings are read at import, so this goes through temporary_settings, not os.environ.)
+    startup = max(90, PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value())
     try:
-        summary = weekly_reverse_etl(week=week, full_refresh=args.full_refresh, dry_run=args.dry_run)
+        with temporary_settings({PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS: startup}):
+            summary = weekly_reverse_etl(week=week, full_refresh=args.full_refresh, dry_run=args.dry_run)
     except DataQualityError as exc:
         print(f"\nquality gate failed: {exc}", file=sys.stderr)
         return 2
