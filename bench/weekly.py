@@ -1,0 +1,424 @@
+"""Weekly pipeline throughput: raw fetch vs. this library vs. dlt, on the same demo API data (not a timed test).
+
+    .venv/bin/python bench/weekly.py [--sizes 100000,1000000] [--quick] [--variants a,b,c] [--json out.json]
+
+For each N the bundled demo events API (``tasks.demo_source``: deterministic synthetic events, ~2% invalid,
+~0.2% re-sent ids) runs in ITS OWN PROCESS (``python -m tasks.demo_source --total N --pagination offset``), so
+it does not share the GIL with the client. Every variant then runs in its own child process against that same
+server, so each one's peak RSS (``ru_maxrss`` from ``os.wait4`` on that child) is not polluted by the others:
+
+(a) ``fetch``: raw fetch only, the ceiling: httpx GET of every 1,000-record page + ``orjson.loads``, records
+    counted, nothing validated or written.
+(b) ``library``: this library's data path without Prefect: ``tasks.extract.extract_window`` (raw Parquet parts)
+    -> ``tasks.transform.transform_week`` (validate, reject, de-duplicate, aggregate; valid/rejects/metrics
+    Parquet) -> ``tasks.lake.publish_week`` (copy into the week's attempt folder + atomic manifest) on a local
+    ``file://`` lake. The source is passed as a plain attribute object with ``blocks.SourceApi``'s defaults
+    (``extract_window`` only reads attributes); importing the Prefect block would add ~13 s and ~80 MB of
+    import-time RSS that the data path itself does not need.
+(c) ``dlt``: dlt's ``rest_api`` source (the idiomatic dlt way to load a paginated REST API: an ``offset``
+    paginator with ``total_path``, ``data_selector: data``) -> ``filesystem`` destination with
+    ``loader_file_format="parquet"`` on a local folder, in a fresh pipelines dir (dlt's own extract ->
+    normalize -> load; schema inference, nested ``metadata`` flattened, variant columns for mistyped values).
+
+All three page the same window with the offset style (``/events?start&end&offset&limit``, 1,000 per page).
+Timed: from the first request to the last file written (imports and setup excluded; import-time RSS is shown
+as ``base``). Output: per N a table (rows, seconds, rows/s, CPU seconds of the child, base/peak RSS), then the
+ratios b/a and b/c and the RSS growth of (b) between the smallest and the largest N, against the issue's
+targets (b/a >= 0.5, b/c >= 8, RSS(b) at the largest N within the smallest N's + 50 MB). Nothing is asserted:
+the machine is noisy; compare ratios from one run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from datetime import date
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+WEEK_START = date(2024, 1, 1)  # a Monday
+WEEK_END = date(2024, 1, 7)
+PAGE_SIZE = 1000
+RAW_ZONE = "raw/events"  # the same zones as flows/weekly.py (not imported: it pulls in Prefect)
+STAGING_ZONE = "staging/events"
+CURATED_ZONE = "curated/events"
+VARIANTS = {"a": "fetch (httpx+orjson)", "b": "library extract->transform->load", "c": "dlt rest_api->parquet"}
+TARGET_B_OVER_A = 0.5
+TARGET_B_OVER_C = 8.0
+TARGET_RSS_GROWTH_MB = 50.0
+RESULT_MARK = "BENCH-RESULT "
+
+
+def _rss_mb() -> float:
+    """Peak RSS of this process so far, in MB (Linux reports ru_maxrss in KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+# --- the variants (each runs in a child process) -------------------------------------------------------------
+
+
+def run_fetch(url: str, n: int, workdir: Path) -> dict[str, Any]:
+    import httpx
+    import orjson
+
+    base = _rss_mb()
+    rows = pages = 0
+    t0, c0 = time.perf_counter(), time.process_time()
+    with httpx.Client(timeout=30.0) as client:
+        offset = 0
+        while True:
+            params = {
+                "start": WEEK_START.isoformat(),
+                "end": WEEK_END.isoformat(),
+                "offset": offset,
+                "limit": PAGE_SIZE,
+            }
+            response = client.get(url, params=params)
+            response.raise_for_status()
+            records = orjson.loads(response.content)["data"]
+            pages += 1
+            rows += len(records)
+            if len(records) < PAGE_SIZE:
+                break
+            offset += PAGE_SIZE
+    return {
+        "rows": rows,
+        "pages": pages,
+        "seconds": time.perf_counter() - t0,
+        "cpu_seconds": time.process_time() - c0,
+        "base_rss_mb": base,
+    }
+
+
+@dataclass
+class BenchSource:
+    """The attributes of ``blocks.SourceApi`` that ``tasks.extract`` reads, with the block's defaults.
+
+    (Duck-typed so the child does not import Prefect; the values are the block's defaults except the URL,
+    the offset pagination and the 1,000-record page size.)
+    """
+
+    base_url: str
+    endpoint: str = "/events"
+    records_key: str = "data"
+    pagination: str = "offset"
+    page_size: int = PAGE_SIZE
+    page_param: str = "page"
+    size_param: str = "page_size"
+    offset_param: str = "offset"
+    limit_param: str = "limit"
+    cursor_param: str = "cursor"
+    cursor_path: str = "next_cursor"
+    start_param: str = "start"
+    end_param: str = "end"
+    auth: str = "none"
+    api_key_header: str = "X-API-Key"
+    secret: Any = None
+    timeout_seconds: float = 30.0
+    rate_limit_per_second: float | None = None
+    max_attempts: int = 5
+    backoff_base_seconds: float = 0.5
+    backoff_max_seconds: float = 60.0
+    pages_per_file: int = 50
+
+    @property
+    def url(self) -> str:
+        return f"{self.base_url}/{self.endpoint.lstrip('/')}"
+
+
+def run_library(url: str, n: int, workdir: Path) -> dict[str, Any]:
+    from tasks.extract import extract_window
+    from tasks.lake import LakeFS, publish_week
+    from tasks.models import Window
+    from tasks.transform import transform_week
+
+    base_url, _, endpoint = url.partition("/events")
+    source = BenchSource(base_url=base_url, endpoint="/events" + endpoint)
+    window = Window(start=WEEK_START, end=WEEK_END)
+    lake_dir = workdir / "lake"
+    lake_dir.mkdir()
+    lake = LakeFS(lake_dir.as_uri())
+    base = _rss_mb()
+    t0, c0 = time.perf_counter(), time.process_time()
+    extracted = extract_window(source, window, lake, f"{RAW_ZONE}/week={window.label}")
+    t1 = time.perf_counter()
+    rss_extract = _rss_mb()
+    transformed = transform_week(lake, extracted.files, window, f"{STAGING_ZONE}/week={window.label}", timezone="UTC")
+    t2 = time.perf_counter()
+    files = {"valid.parquet": transformed.valid, "rejects.parquet": transformed.rejects}
+    files["metrics.parquet"] = transformed.metrics
+    extra = {
+        "fetched": transformed.fetched,
+        "valid": transformed.valid.rows,
+        "rejected": transformed.rejected,
+        "duplicates": transformed.duplicates,
+    }
+    published = publish_week(lake, CURATED_ZONE, window.label, files, extra)
+    t3 = time.perf_counter()
+    return {
+        "rows": extracted.rows,
+        "pages": extracted.pages,
+        "seconds": t3 - t0,
+        "cpu_seconds": time.process_time() - c0,
+        "base_rss_mb": base,
+        "stages": {
+            "extract_s": round(t1 - t0, 3),
+            "transform_s": round(t2 - t1, 3),
+            "load_s": round(t3 - t2, 3),
+            "rss_after_extract_mb": round(rss_extract, 1),
+        },
+        "counts": {
+            "fetched": transformed.fetched,
+            "valid": transformed.valid.rows,
+            "rejected": transformed.rejected,
+            "duplicates": transformed.duplicates,
+            "customers": transformed.metrics.rows,
+            "raw_parts": len(extracted.files),
+            "published_rows": published.manifest.total_rows,
+        },
+    }
+
+
+def run_dlt(url: str, n: int, workdir: Path) -> dict[str, Any]:
+    os.environ.setdefault("RUNTIME__DLTHUB_TELEMETRY", "false")
+    os.environ["DLT_DATA_DIR"] = str(workdir / "dlt-data")
+    os.environ["DLT_PROJECT_DIR"] = str(workdir)
+    import dlt
+    from dlt.sources.rest_api import rest_api_source
+
+    base_url, _, endpoint = url.partition("/events")
+    source = rest_api_source(
+        {
+            "client": {
+                "base_url": base_url + "/",
+                "paginator": {
+                    "type": "offset",
+                    "limit": PAGE_SIZE,
+                    "offset_param": "offset",
+                    "limit_param": "limit",
+                    "total_path": "total",
+                },
+            },
+            "resources": [
+                {
+                    "name": "events",
+                    "endpoint": {
+                        "path": "events" + endpoint,
+                        "params": {"start": WEEK_START.isoformat(), "end": WEEK_END.isoformat()},
+                        "data_selector": "data",
+                    },
+                }
+            ],
+        }
+    )
+    pipeline = dlt.pipeline(
+        pipeline_name="bench_weekly",
+        pipelines_dir=str(workdir / "pipelines"),
+        destination=dlt.destinations.filesystem(bucket_url=(workdir / "dlt-lake").as_uri()),
+        dataset_name="events",
+    )
+    base = _rss_mb()
+    t0, c0 = time.perf_counter(), time.process_time()
+    pipeline.run(source, loader_file_format="parquet")
+    seconds = time.perf_counter() - t0
+    cpu = time.process_time() - c0
+    row_counts = dict(pipeline.last_trace.last_normalize_info.row_counts)
+    files = list((workdir / "dlt-lake").rglob("*.parquet"))
+    return {
+        "rows": int(row_counts.get("events", 0)),
+        "pages": None,
+        "seconds": seconds,
+        "cpu_seconds": cpu,
+        "base_rss_mb": base,
+        "counts": {"row_counts": row_counts, "parquet_files": len(files)},
+    }
+
+
+RUNNERS = {"a": run_fetch, "b": run_library, "c": run_dlt}
+
+
+def child_main(variant: str, url: str, n: int, workdir: Path) -> None:
+    result = RUNNERS[variant](url, n, workdir)
+    result["child_peak_rss_mb"] = _rss_mb()
+    print(RESULT_MARK + json.dumps(result), flush=True)
+
+
+# --- orchestration (parent) ----------------------------------------------------------------------------------
+
+
+class DemoServer:
+    """``python -m tasks.demo_source`` in its own process on a free port."""
+
+    def __init__(self, total: int) -> None:
+        self.total = total
+        self.proc: subprocess.Popen[str] | None = None
+        self.url = ""
+
+    def __enter__(self) -> DemoServer:
+        cmd = [sys.executable, "-m", "tasks.demo_source", "--port", "0", "--total", str(self.total)]
+        cmd += ["--pagination", "offset"]
+        self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, text=True)
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()  # "demo events API on http://127.0.0.1:PORT/events (Ctrl-C to stop)"
+        words = [w for w in line.split() if w.startswith("http://")]
+        if not words:
+            self.__exit__()
+            raise RuntimeError(f"demo API did not start (said {line!r})")
+        self.url = words[0]
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def warm_up(url: str) -> None:
+    """One small request so the server's first-request costs are not billed to variant (a)."""
+    import httpx
+
+    params = {"start": WEEK_START.isoformat(), "end": WEEK_END.isoformat(), "offset": 0, "limit": 10}
+    httpx.get(url, params=params, timeout=30).raise_for_status()
+
+
+def run_child(variant: str, url: str, n: int, timeout: float) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory(prefix=f"bench-weekly-{variant}-") as tmp:
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--child", variant, "--url", url, "--n", str(n)]
+        cmd += ["--workdir", tmp]
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+        env["RUNTIME__DLTHUB_TELEMETRY"] = "false"
+        with tempfile.TemporaryFile("w+") as out:
+            proc = subprocess.Popen(cmd, cwd=ROOT, stdout=out, env=env)
+            deadline = time.monotonic() + timeout
+            while True:
+                pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+                if pid:
+                    break
+                if time.monotonic() > deadline:
+                    proc.kill()
+                    pid, status, usage = os.wait4(proc.pid, 0)
+                    raise RuntimeError(f"variant {variant} timed out after {timeout:.0f}s")
+                time.sleep(0.05)
+            proc.returncode = os.waitstatus_to_exitcode(status)
+            out.seek(0)
+            text = out.read()
+        if proc.returncode != 0:
+            raise RuntimeError(f"variant {variant} failed with exit code {proc.returncode}:\n{text[-2000:]}")
+        lines = [ln for ln in text.splitlines() if ln.startswith(RESULT_MARK)]
+        if not lines:
+            raise RuntimeError(f"variant {variant} printed no result:\n{text[-2000:]}")
+        result = json.loads(lines[-1][len(RESULT_MARK) :])
+        result["variant"] = variant
+        result["n"] = n
+        result["peak_rss_mb"] = usage.ru_maxrss / 1024  # the child's own peak, as the kernel saw it
+        result["rows_per_s"] = result["rows"] / result["seconds"] if result["seconds"] > 0 else 0.0
+        return result
+
+
+def print_table(n: int, results: dict[str, dict[str, Any]]) -> None:
+    print(f"\nN = {n:,} events, pages of {PAGE_SIZE:,}")
+    head = f"{'variant':<38} {'rows':>10} {'seconds':>8} {'rows/s':>10} {'CPU s':>7} {'base MB':>8} {'peak MB':>8}"
+    print(head)
+    print("-" * len(head))
+    for key, r in results.items():
+        print(
+            f"{key + ' ' + VARIANTS[key]:<38} {r['rows']:>10,} {r['seconds']:>8.2f} {r['rows_per_s']:>10,.0f} "
+            f"{r['cpu_seconds']:>7.2f} {r['base_rss_mb']:>8.0f} {r['peak_rss_mb']:>8.0f}"
+        )
+    if "b" in results:
+        s, c = results["b"]["stages"], results["b"]["counts"]
+        print(
+            f"  (b) stages: extract {s['extract_s']:.2f}s, transform {s['transform_s']:.2f}s, "
+            f"load {s['load_s']:.2f}s; valid {c['valid']:,}, rejected {c['rejected']:,}, "
+            f"duplicates {c['duplicates']:,}, customers {c['customers']:,}"
+        )
+    ratios = ratios_of(results)
+    for name, value in ratios.items():
+        target = {"b/a": TARGET_B_OVER_A, "b/c": TARGET_B_OVER_C}[name]
+        verdict = "meets" if value >= target else "MISSES"
+        print(f"  {name} = {value:.2f}  ({verdict} target >= {target:g})")
+    rows = {k: r["rows"] for k, r in results.items()}
+    agree = len(set(rows.values())) == 1
+    print(f"  rows agree across variants: {'yes' if agree else 'NO ' + str(rows)}")
+
+
+def ratios_of(results: dict[str, dict[str, Any]]) -> dict[str, float]:
+    out = {}
+    if "b" in results and "a" in results and results["a"]["rows_per_s"]:
+        out["b/a"] = results["b"]["rows_per_s"] / results["a"]["rows_per_s"]
+    if "b" in results and "c" in results and results["c"]["rows_per_s"]:
+        out["b/c"] = results["b"]["rows_per_s"] / results["c"]["rows_per_s"]
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter
+    )
+    parser.add_argument("--sizes", default="100000,1000000", help="comma-separated N values (default 100000,1000000)")
+    parser.add_argument("--quick", action="store_true", help="smoke run: N = 5,000 unless --sizes is given")
+    parser.add_argument("--variants", default="a,b,c", help="subset of a,b,c (default all)")
+    parser.add_argument("--json", dest="json_out", help="also write the results to this JSON file")
+    parser.add_argument("--timeout", type=float, default=1800, help="per-variant timeout in seconds")
+    parser.add_argument("--child", choices=sorted(RUNNERS), help=argparse.SUPPRESS)
+    parser.add_argument("--url", help=argparse.SUPPRESS)
+    parser.add_argument("--n", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--workdir", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child:
+        child_main(args.child, args.url, args.n, Path(args.workdir))
+        return 0
+
+    explicit_sizes = any(a == "--sizes" or a.startswith("--sizes=") for a in (argv or sys.argv[1:]))
+    sizes = [int(s.replace("_", "")) for s in args.sizes.split(",") if s.strip()]
+    if args.quick and not explicit_sizes:
+        sizes = [5000]
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    unknown = [v for v in variants if v not in RUNNERS]
+    if unknown or not variants or any(n <= 0 for n in sizes):
+        parser.error(f"--variants must be a subset of a,b,c and --sizes positive (got {args.variants!r}, {sizes})")
+
+    print(
+        f"bench/weekly.py: sizes {sizes}, variants {variants}; python {platform.python_version()}, "
+        f"{os.cpu_count()} CPUs; server and each variant in separate processes"
+    )
+    report: dict[str, Any] = {"machine": {"cpus": os.cpu_count(), "python": platform.python_version()}, "runs": []}
+    for n in sizes:
+        results: dict[str, dict[str, Any]] = {}
+        with DemoServer(n) as server:
+            warm_up(server.url)
+            for v in variants:
+                results[v] = run_child(v, server.url, n, args.timeout)
+        print_table(n, results)
+        report["runs"].append({"n": n, "results": results, "ratios": ratios_of(results)})
+    if "b" in variants and len(sizes) > 1:
+        small, large = report["runs"][0], report["runs"][-1]
+        growth = large["results"]["b"]["peak_rss_mb"] - small["results"]["b"]["peak_rss_mb"]
+        verdict = "meets" if growth <= TARGET_RSS_GROWTH_MB else "MISSES"
+        print(
+            f"\npeak RSS of (b): {small['results']['b']['peak_rss_mb']:.0f} MB at N={small['n']:,} -> "
+            f"{large['results']['b']['peak_rss_mb']:.0f} MB at N={large['n']:,} "
+            f"(+{growth:.0f} MB; {verdict} target <= +{TARGET_RSS_GROWTH_MB:g} MB)"
+        )
+        report["rss_growth_b_mb"] = growth
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps(report, indent=2))
+        print(f"\nwrote {args.json_out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
