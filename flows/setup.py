@@ -158,8 +158,9 @@ def checkpoint_seed(first_week: date, now: datetime | None = None) -> dict[str, 
         from tasks.errors import ConfigurationError
 
         raise ConfigurationError("first_week", f"{first_week.isoformat()} is a {first_week:%A}, not a Monday")
-    stamp = (now or datetime.now(UTC)).isoformat()
-    return {"next_week_start": first_week.isoformat(), "updated_at": stamp, "last_run_id": None}
+    from tasks.tracking import checkpoint_document
+
+    return checkpoint_document(first_week, None, now or datetime.now(UTC))
 
 
 async def save_lake_block(base_url: str, name: str | None = None) -> str:
