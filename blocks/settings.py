@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
+import re
 from datetime import date
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from prefect.blocks.core import Block
 from pydantic import ConfigDict, Field, field_validator
+
+# Names that end up in file paths (lake ``_pending/<pipeline>/``, ``salesforce/snapshot/<object>.parquet``), in SQL
+# identifiers' company (tracking rows) or in Prefect object names: checked when the block is saved, not at the
+# stage that first uses them (which may be after the extract and the load already ran).
+_PIPELINE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$")  # same rule as tasks.tracking
+_SALESFORCE_API_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,79}$")
+_VARIABLE_NAME = re.compile(r"^[a-z0-9_-]{1,255}$")  # Prefect's rule for Variable names
 
 
 class PipelineSettings(Block):
@@ -47,6 +55,27 @@ class PipelineSettings(Block):
             ZoneInfo(value)
         except (ZoneInfoNotFoundError, ValueError) as exc:
             raise ValueError(f"unknown IANA timezone {value!r}") from exc
+        return value
+
+    @field_validator("pipeline_name")
+    @classmethod
+    def _pipeline_name(cls, value: str) -> str:
+        if not _PIPELINE_NAME.match(value) or ".." in value:
+            raise ValueError("use 1-200 letters, digits, '.', '_' or '-', starting with a letter or digit, no '..'")
+        return value
+
+    @field_validator("salesforce_object", "external_id_field")
+    @classmethod
+    def _api_name(cls, value: str) -> str:
+        if not _SALESFORCE_API_NAME.match(value):
+            raise ValueError("must be a Salesforce API name (a letter, then letters, digits or '_')")
+        return value
+
+    @field_validator("checkpoint_variable")
+    @classmethod
+    def _variable_name(cls, value: str) -> str:
+        if not _VARIABLE_NAME.match(value):
+            raise ValueError("must be a Prefect Variable name (lowercase letters, digits, '-' or '_')")
         return value
 
     @field_validator("first_week")
