@@ -3,9 +3,12 @@
     .venv/bin/python bench/weekly.py [--sizes 100000,1000000] [--quick] [--variants a,b,c] [--json out.json]
 
 For each N the bundled demo events API (``tasks.demo_source``: deterministic synthetic events, ~2% invalid,
-~0.2% re-sent ids) runs in ITS OWN PROCESS (``python -m tasks.demo_source --total N --pagination offset``), so
-it does not share the GIL with the client. Every variant then runs in its own child process against that same
-server, so each one's peak RSS (``ru_maxrss`` from ``os.wait4`` on that child) is not polluted by the others:
+~0.2% re-sent ids) runs in ITS OWN PROCESS (``python -m tasks.demo_source --total N --pagination offset
+--prerender START:END``), so it does not share the GIL with the client. ``--prerender`` renders the window's
+pages once at startup and serves the bytes from memory: generating events per request in Python (~200k rows/s)
+would otherwise make the server the bottleneck of every variant (``--server generating`` keeps that mode).
+Every variant then runs in its own child process against that same server, so each one's peak RSS
+(``ru_maxrss`` from ``os.wait4`` on that child) is not polluted by the others:
 
 (a) ``fetch``: raw fetch only, the ceiling: httpx GET of every 1,000-record page + ``orjson.loads``, records
     counted, nothing validated or written.
@@ -258,14 +261,22 @@ def child_main(variant: str, url: str, n: int, workdir: Path) -> None:
 class DemoServer:
     """``python -m tasks.demo_source`` in its own process on a free port."""
 
-    def __init__(self, total: int) -> None:
+    def __init__(self, total: int, *, prerender: bool = True) -> None:
         self.total = total
+        self.prerender = prerender
         self.proc: subprocess.Popen[str] | None = None
         self.url = ""
 
     def __enter__(self) -> DemoServer:
         cmd = [sys.executable, "-m", "tasks.demo_source", "--port", "0", "--total", str(self.total)]
         cmd += ["--pagination", "offset"]
+        if self.prerender:  # pages rendered once at startup: the server answers at memory speed
+            cmd += [
+                "--prerender",
+                f"{WEEK_START.isoformat()}:{WEEK_END.isoformat()}",
+                "--prerender-limit",
+                str(PAGE_SIZE),
+            ]
         self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, text=True)
         assert self.proc.stdout is not None
         line = self.proc.stdout.readline()  # "demo events API on http://127.0.0.1:PORT/events (Ctrl-C to stop)"
@@ -372,6 +383,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="smoke run: N = 5,000 unless --sizes is given")
     parser.add_argument("--variants", default="a,b,c", help="subset of a,b,c (default all)")
     parser.add_argument("--json", dest="json_out", help="also write the results to this JSON file")
+    parser.add_argument(
+        "--server",
+        choices=("prerendered", "generating"),
+        default="prerendered",
+        help="demo API mode: pages rendered once at startup (default; the client side is measured) or generated\n"
+        "per request (~200k rows/s in Python: the server is then the bottleneck)",
+    )
     parser.add_argument("--timeout", type=float, default=1800, help="per-variant timeout in seconds")
     parser.add_argument("--child", choices=sorted(RUNNERS), help=argparse.SUPPRESS)
     parser.add_argument("--url", help=argparse.SUPPRESS)
@@ -393,12 +411,17 @@ def main(argv: list[str] | None = None) -> int:
 
     print(
         f"bench/weekly.py: sizes {sizes}, variants {variants}; python {platform.python_version()}, "
-        f"{os.cpu_count()} CPUs; server and each variant in separate processes"
+        f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}; server ({args.server}) and each variant "
+        "in separate processes"
     )
-    report: dict[str, Any] = {"machine": {"cpus": os.cpu_count(), "python": platform.python_version()}, "runs": []}
+    report: dict[str, Any] = {
+        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "load_avg": os.getloadavg()},
+        "server": args.server,
+        "runs": [],
+    }
     for n in sizes:
         results: dict[str, dict[str, Any]] = {}
-        with DemoServer(n) as server:
+        with DemoServer(n, prerender=args.server == "prerendered") as server:
             warm_up(server.url)
             for v in variants:
                 results[v] = run_child(v, server.url, n, args.timeout)

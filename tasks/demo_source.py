@@ -388,6 +388,25 @@ class DemoConfig:
     stats: Stats = field(default_factory=Stats)
     _sources: dict = field(default_factory=dict, repr=False)
     _prefetched: dict = field(default_factory=dict, repr=False)
+    _rendered: dict = field(default_factory=dict, repr=False)
+
+    def prerender(self, start: date, end: date, limit: int) -> int:
+        """Render every page of ``[start, end]`` at page size ``limit`` once, up front; returns the page count.
+
+        Later requests for exactly those pages (same window, offset and limit, whatever the pagination style)
+        are served from the rendered bytes instead of generating the events again, so the server answers at
+        memory speed and a benchmark client is not bound by the server's event generation (~200k rows/s in
+        Python). The rendered records are the same bytes the server would generate (deterministic); faults
+        still apply. Memory: about the size of the window's JSON (~180 MB per million events).
+        """
+        if limit < 1:
+            raise ValueError(f"limit must be >= 1, got {limit}")
+        src = self.source_for(start, end)
+        pages = 0
+        for offset in range(0, max(src.total, 1), limit):
+            self._rendered[(src, offset, limit)] = orjson.dumps(src.page(offset, limit, copy=False))
+            pages += 1
+        return pages
 
     def source_for(self, start: date, end: date) -> EventSource:
         key = (start, end, self.total, self.seed, self.invalid_ratio, self.duplicate_ratio, self.customers, self.tz)
@@ -552,8 +571,10 @@ def create_app(config: DemoConfig | None = None) -> Starlette:
             records_json = orjson.dumps(records)
             n_records = len(records)
         else:
-            records_json = cfg._prefetched.pop((src, offset, limit), None) or orjson.dumps(
-                src.page(offset, limit, copy=False)
+            records_json = (
+                cfg._rendered.get((src, offset, limit))
+                or cfg._prefetched.pop((src, offset, limit), None)
+                or orjson.dumps(src.page(offset, limit, copy=False))
             )
             n_records = max(0, min(limit, total - offset))
         end_reached = offset + limit >= total
@@ -592,7 +613,12 @@ def create_app(config: DemoConfig | None = None) -> Starlette:
         cfg.stats.pages += 1
         cfg.stats.rows += n_records
         background = None
-        if next_offset is not None and next_offset != offset and next_offset < total:
+        if (
+            next_offset is not None
+            and next_offset != offset
+            and next_offset < total
+            and (src, next_offset, limit) not in cfg._rendered
+        ):
             # generate the next page right after this answer is sent: with the client in another process, the
             # server's generation overlaps the client's parsing instead of adding to it
             background = BackgroundTask(_prefetch, src, next_offset, limit)
@@ -662,8 +688,28 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--total", type=int, default=10_000, help="events per requested window")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--pagination", choices=PAGINATION_STYLES, default="page_number")
+    parser.add_argument(
+        "--prerender",
+        metavar="START:END",
+        help="render the window's pages (ISO dates, e.g. 2024-01-01:2024-01-07) once at startup and serve them "
+        "from memory (benchmarks: the server then answers at memory speed instead of generating events)",
+    )
+    parser.add_argument(
+        "--prerender-limit", type=int, default=1000, help="page size of the pre-rendered pages (default 1000)"
+    )
     args = parser.parse_args(argv)
     cfg = DemoConfig(total=args.total, seed=args.seed, pagination=args.pagination)
+    if args.prerender:
+        try:
+            first, _, last = args.prerender.partition(":")
+            window = date.fromisoformat(first), date.fromisoformat(last)
+        except ValueError:
+            parser.error(f"--prerender must be START:END as ISO dates, got {args.prerender!r}")
+        if args.prerender_limit < 1:
+            parser.error("--prerender-limit must be >= 1")
+        started = time.perf_counter()
+        pages = cfg.prerender(*window, args.prerender_limit)
+        logger.info("pre-rendered %d pages in %.1fs", pages, time.perf_counter() - started)
     with serve(create_app(cfg), args.host, args.port) as url:
         print(f"demo events API on {url}/events (Ctrl-C to stop)", flush=True)
         with contextlib.suppress(KeyboardInterrupt):
