@@ -181,6 +181,9 @@ def _zygote() -> int:
                 traceback.print_exc()
                 code = 1
             finally:
+                import atexit
+
+                atexit._run_exitfuncs()  # what a normal exit does: Prefect drains its API log queue here
                 sys.stdout.flush()
                 sys.stderr.flush()
                 os._exit(code)
