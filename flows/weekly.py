@@ -19,14 +19,20 @@ from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
 from prefect import flow, get_run_logger
-from prefect.artifacts import create_markdown_artifact
 from prefect.context import get_run_context
 from prefect.variables import Variable
-from pydantic import BaseModel, Field
 
 from flows import stages
 from flows.notify import notify_failure
 from flows.runtime import WeeklyRuntime, weekly_runtime
+from flows.weekly_report import (
+    WeeklySummary,
+    WeekOutcome,
+    print_summary,
+    quality_artifact,
+    run_counts,
+    summary_artifact,
+)
 from tasks import tracking
 from tasks.errors import ConfigurationError, DataQualityError, PipelineError, is_retryable, redact_text
 from tasks.lake import read_manifest
@@ -42,41 +48,6 @@ CHECKPOINT_LOCK = "weekly-etl-checkpoint"
 # Week-level retries after the task retries are spent (process behaviour, hence environment switches).
 FLOW_RETRIES = int(os.environ.get("WEEKLY_ETL_FLOW_RETRIES", "2"))
 FLOW_RETRY_BASE_SECONDS = float(os.environ.get("WEEKLY_ETL_FLOW_RETRY_BASE_SECONDS", "60"))
-
-
-class WeekOutcome(BaseModel):
-    week_start: date
-    run_id: str
-    status: str
-    fetched: int = 0
-    valid: int = 0
-    rejected: int = 0
-    duplicates: int = 0
-    reject_rate_pct: float = 0.0
-    synced: int = 0
-    sync_failed: int = 0
-    dry_run: bool = True
-    files: dict[str, str] = Field(default_factory=dict)
-    stage_seconds: dict[str, float] = Field(default_factory=dict)
-    skipped_reason: str | None = None
-
-
-class WeeklySummary(BaseModel):
-    weeks: list[WeekOutcome] = Field(default_factory=list)
-    next_week_start: date | None = None
-    lake: str = ""
-    database: str = ""
-    embedded_defaults: list[str] = Field(default_factory=list)
-    replayed_pending: int = 0
-
-    def totals(self) -> dict[str, int]:
-        return {
-            "weeks": len([w for w in self.weeks if w.skipped_reason is None]),
-            "fetched": sum(w.fetched for w in self.weeks),
-            "valid": sum(w.valid for w in self.weeks),
-            "rejected": sum(w.rejected for w in self.weeks),
-            "files": sum(len(w.files) for w in self.weeks),
-        }
 
 
 def _flow_run_id() -> str | None:
@@ -157,22 +128,6 @@ def _advance_checkpoint(rt: WeeklyRuntime, window: Window, run_id: str, log: Any
 
 # Where the last failure happened, per flow run, for the on_failure hook (same process).
 FAILURES: dict[str, dict[str, str]] = {}
-
-
-def _quality_artifact(window: Window, report: Any, files: dict[str, str]) -> None:
-    reasons = "\n".join(f"| {reason} | {count} |" for reason, count in report.top_reject_reasons) or "| (none) | 0 |"
-    links = "\n".join(f"- **{name}**: `{url}`" for name, url in files.items())
-    create_markdown_artifact(
-        key=f"quality-{window.label}",
-        markdown=(
-            f"# Quality gate, week {window.label}\n\n"
-            f"| fetched | rejected | duplicates | reject rate | threshold | status |\n|---|---|---|---|---|---|\n"
-            f"| {report.fetched} | {report.rejected} | {report.duplicates} | {report.rate_pct:.2f}% "
-            f"| {report.threshold_pct:.2f}% | {report.status.value} |\n\n"
-            f"## Top reject reasons\n\n| reason | count |\n|---|---|\n{reasons}\n\n## Files\n\n{links}\n"
-        ),
-        description=f"Quality gate for week {window.label}",
-    )
 
 
 def _damaged_files(rt: WeeklyRuntime, window: Window) -> list[str]:
@@ -259,7 +214,7 @@ def _process_week(
         tracking.start_stage(rt.engine, run_id, stage)
         report = stages.quality_gate(transformed, rt.settings.reject_threshold_pct)
         outcome.reject_rate_pct = report.rate_pct
-        _quality_artifact(window, report, outcome.files)
+        quality_artifact(window, report, outcome.files)
         enforce(report)
         stage_done(stage, transformed.fetched, transformed.valid.rows, report.status.value)
 
@@ -294,7 +249,7 @@ def _process_week(
         try:
             tracking.finish_stage(rt.engine, run_id, stage, RunStatus.FAILED.value, detail=reason)
             tracking.finish_run(
-                rt.engine, run_id, RunStatus.FAILED.value, counts=_counts(outcome), failure_reason=reason
+                rt.engine, run_id, RunStatus.FAILED.value, counts=run_counts(outcome), failure_reason=reason
             )
         except PipelineError as track_exc:
             log.error("could not record the failure of run %s: %s", run_id, type(track_exc).__name__)
@@ -302,7 +257,7 @@ def _process_week(
 
     # Data is committed in the lake (and Salesforce). From here on, a tracking write that fails because the
     # database is unavailable is queued in the lake and replayed by the next run; nothing is lost.
-    finish = {"run_id": run_id, "status": outcome.status, "counts": _counts(outcome), "supersede": replace_existing}
+    finish = {"run_id": run_id, "status": outcome.status, "counts": run_counts(outcome), "supersede": replace_existing}
     if not tracking.apply_or_queue(rt.engine, rt.lake, pipeline, "finish_run", finish):
         log.error("run record write failed: database unavailable; queued for replay")
     _advance_checkpoint(rt, window, run_id, log)
@@ -339,35 +294,6 @@ def _process_week_with_retries(
             )
             time.sleep(delay)
     raise AssertionError("unreachable")
-
-
-def _counts(outcome: WeekOutcome) -> dict[str, Any]:
-    return {
-        "fetched": outcome.fetched,
-        "valid": outcome.valid,
-        "rejected": outcome.rejected,
-        "duplicates": outcome.duplicates,
-        "synced": outcome.synced,
-        "failed_rows": outcome.sync_failed,
-        "reject_rate_pct": outcome.reject_rate_pct,
-    }
-
-
-def _summary_artifact(summary: WeeklySummary) -> None:
-    rows = "\n".join(
-        f"| {w.week_start} | {w.status} | {w.fetched} | {w.valid} | {w.rejected} | {w.reject_rate_pct:.2f}% "
-        f"| {w.synced} | {', '.join(f'{k} {v}s' for k, v in w.stage_seconds.items())} |"
-        for w in summary.weeks
-    )
-    create_markdown_artifact(
-        key="weekly-run-summary",
-        markdown=(
-            "# Weekly reverse ETL\n\n| week | status | fetched | valid | rejected | rate | synced | stages |\n"
-            f"|---|---|---|---|---|---|---|---|\n{rows or '| (no week due) | | | | | | | |'}\n\n"
-            f"Next batch week: **{summary.next_week_start}**. Lake: `{summary.lake}`.\n"
-        ),
-        description="Every stage of this run: rows in/out, files, duration",
-    )
 
 
 @flow(
@@ -431,23 +357,8 @@ def weekly_reverse_etl(
             summary.next_week_start = tracking.get_checkpoint(rt.engine, pipeline)
         except PipelineError as exc:  # the writes are queued; the summary just cannot show the value
             log.warning("could not read the checkpoint for the summary: %s", type(exc).__name__)
-    _summary_artifact(summary)
+    summary_artifact(summary)
     return summary
-
-
-def _print_summary(summary: WeeklySummary) -> None:
-    t = summary.totals()
-    print(f"\nWeekly reverse ETL: {t['weeks']} week(s) processed")
-    for w in summary.weeks:
-        line = f"  {w.week_start}  {w.status:<22} fetched {w.fetched:>7}  valid {w.valid:>7}  rejected {w.rejected:>5}"
-        print(line + (f"  ({w.skipped_reason})" if w.skipped_reason else ""))
-    print(f"  rows fetched / valid / rejected: {t['fetched']} / {t['valid']} / {t['rejected']}")
-    print(f"  files written: {t['files']}")
-    print(f"  next batch week (checkpoint): {summary.next_week_start}")
-    print(f"  lake: {summary.lake}   tracking db: {summary.database}")
-    if summary.embedded_defaults:
-        print(f"  embedded defaults in use: {', '.join(summary.embedded_defaults)} (save blocks to change; see README)")
-    print("  look at: the lake's curated/events/week=*/_manifest.json, salesforce/ outbox, `prefect artifact ls`")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -476,7 +387,7 @@ def main(argv: list[str] | None = None) -> int:
     except PipelineError as exc:
         print(f"\nweekly reverse ETL failed: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
-    _print_summary(summary)
+    print_summary(summary)
     return 0
 
 
