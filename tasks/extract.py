@@ -39,8 +39,11 @@ from __future__ import annotations
 import email.utils
 import logging
 import math
+import queue
+import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, NamedTuple
@@ -502,6 +505,81 @@ def fetch_pages(
         page_no += 1
 
 
+# --- prefetching ------------------------------------------------------------------------------
+
+
+class _Cancelled(Exception):
+    """The consumer stopped: the fetch thread ends at its next wait or page boundary."""
+
+
+PREFETCH_PAGES = 2
+"""Pages fetched (and parsed) ahead of the one being processed by :func:`extract_window`."""
+
+
+def _prefetch(
+    make_pages: Callable[[Sleep], Iterator[Page]], sleep: Sleep, depth: int = PREFETCH_PAGES
+) -> Iterator[Page]:
+    """Run the page iterator in a background thread, at most ``depth`` pages ahead of the consumer.
+
+    The socket reads release the GIL, so fetching page k+1 overlaps the processing of page k. Pages come out in
+    order; an exception of the fetcher is raised here after the pages before it, as without prefetching. When the
+    consumer stops early (an exception, or closing this generator) the fetcher ends at its next page boundary or
+    retry wait (the waits are cut short) and is joined before this generator returns: no request is in flight
+    on the caller's client afterwards.
+    """
+    q: queue.Queue[tuple[str, Any]] = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def wait(seconds: float) -> None:
+        if stop.is_set():
+            raise _Cancelled
+        if sleep is time.sleep:
+            if stop.wait(seconds):
+                raise _Cancelled
+        else:
+            sleep(seconds)
+        if stop.is_set():
+            raise _Cancelled
+
+    def put(item: tuple[str, Any]) -> bool:
+        while not stop.is_set():
+            try:
+                q.put(item, timeout=0.05)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def run() -> None:
+        pages = make_pages(wait)
+        try:
+            for page in pages:
+                if not put(("page", page)):
+                    return
+            put(("end", None))
+        except _Cancelled:
+            pass
+        except BaseException as exc:  # noqa: BLE001 - handed to the consumer, raised there
+            put(("error", exc))
+        finally:
+            pages.close()  # type: ignore[attr-defined]
+
+    thread = threading.Thread(target=run, name="extract-prefetch", daemon=True)
+    thread.start()
+    try:
+        while True:
+            kind, value = q.get()
+            if kind == "page":
+                yield value
+            elif kind == "end":
+                return
+            else:
+                raise value
+    finally:
+        stop.set()
+        thread.join()
+
+
 # --- the stage ---------------------------------------------------------------------------------
 
 
@@ -531,9 +609,13 @@ def extract_window(
 ) -> ExtractResult:
     """Fetch every page of ``window`` and write them as raw Parquet parts ``{prefix}/part-00000.parquet`` ...
 
-    At most ``source.pages_per_file`` pages are held in memory at once. ``on_progress(pages, rows)`` is called
-    after each page. ``sleep``/``clock`` are injectable (tests); ``client`` may be shared (the block's timeout
-    and auth headers are applied per request); one is created and closed here when omitted.
+    Pages are fetched and parsed in a background thread up to :data:`PREFETCH_PAGES` ahead, and each part is
+    encoded and written in a second background thread while the next one fills (at most one write in flight),
+    so network waits, JSON work and Parquet encoding overlap. Memory holds at most ``source.pages_per_file``
+    pages being buffered, one part being written and the prefetched pages. ``on_progress(pages, rows)`` is
+    called after each page (in the calling thread). ``sleep``/``clock`` are injectable (tests); ``client``
+    may be shared (the block's timeout and auth headers are applied per request); one is created and closed
+    here when omitted.
     """
     log = logger or logging.getLogger(__name__)
     prefix = prefix.rstrip("/")
@@ -544,24 +626,45 @@ def extract_window(
     page_ids: list[int] = []
     buffered_pages = 0
     pages = rows = 0
-    written = 0  # rows already in parts
+    written = 0  # rows already handed to the writer
+    parts = 0  # parts handed to the writer
     started = time.perf_counter()
     dumps = orjson.dumps
+    decode = bytes.decode
+    # One part is encoded and written in the background (Parquet encoding releases the GIL) while the next
+    # one fills; at most one write is in flight, so memory holds at most two parts' payloads.
+    writer = ThreadPoolExecutor(1, thread_name_prefix="extract-write")
+    in_flight: Future[FileRef] | None = None
+
+    def write_part(frame: pl.DataFrame, name: str) -> FileRef:
+        ref = lake.write_parquet(frame, name)
+        log.debug("wrote raw part %s (%d rows)", ref.url, ref.rows)
+        return ref
+
+    def collect() -> None:
+        nonlocal in_flight
+        if in_flight is not None:
+            done, in_flight = in_flight, None
+            files.append(done.result())
 
     def flush() -> None:
-        nonlocal payloads, page_ids, buffered_pages, written
+        nonlocal payloads, page_ids, buffered_pages, written, parts, in_flight
         if payloads:
             frame = raw_frame(payloads, page_ids, written)
-            ref = lake.write_parquet(frame, f"{prefix}/part-{len(files):05d}.parquet")
-            files.append(ref)
+            collect()
+            in_flight = writer.submit(write_part, frame, f"{prefix}/part-{parts:05d}.parquet")
             written += frame.height
-            log.debug("wrote raw part %s (%d rows)", ref.url, ref.rows)
+            parts += 1
         payloads, page_ids, buffered_pages = [], [], 0
 
+    def make_pages(wait: Sleep) -> Iterator[Page]:
+        return fetch_pages(source, window, client=http, logger=log, sleep=wait, clock=clock)
+
+    fetched = _prefetch(make_pages, sleep)
     try:
-        for page in fetch_pages(source, window, client=http, logger=log, sleep=sleep, clock=clock):
+        for page in fetched:
             n = len(page.records)
-            payloads.extend([dumps(r).decode() for r in page.records])
+            payloads.extend(map(decode, map(dumps, page.records)))
             page_ids.extend([page.index] * n)
             buffered_pages += 1
             pages += 1
@@ -571,7 +674,10 @@ def extract_window(
             if on_progress is not None:
                 on_progress(pages, rows)
         flush()
+        collect()
     finally:
+        fetched.close()  # stops and joins the fetch thread before the client may be closed
+        writer.shutdown(wait=True)
         if own_client:
             http.close()
     elapsed = time.perf_counter() - started
