@@ -94,6 +94,8 @@ VALID_SCHEMA: dict[str, pl.DataType] = {
     "occurred_at": pl.Datetime("us", "UTC"),
     "metadata": pl.String(),
 }
+SPOOL_SCHEMA: dict[str, pl.DataType] = {**VALID_SCHEMA, "_hash": pl.UInt64()}
+"""Valid rows as spooled per chunk: VALID_SCHEMA plus the 64-bit hash of ``id`` (de-duplication pre-filter)."""
 REJECT_SCHEMA: dict[str, pl.DataType] = {
     "_seq": pl.Int64(),
     "_page": pl.Int64(),
@@ -122,6 +124,7 @@ METRICS_SCHEMA: dict[str, pl.DataType] = {
 DUPLICATE_REASON = "duplicate of a later record"
 CHUNK_ROWS = 50_000
 WORKERS = max(2, min(4, os.cpu_count() or 2))  # Polars releases the GIL; string kernels are single-threaded
+MAX_PENDING = 2 * WORKERS
 _SLOW_CHUNK = 256
 
 _log = logging.getLogger(__name__)
@@ -486,7 +489,8 @@ def _process_chunk(chunk: pl.DataFrame, window: Window, timezone: str, target: P
     rejects = _reject_rows(bad, pl.col("_field"), pl.col("_reason"))
     good = checked.select(*VALID_SCHEMA, "payload", "_field").filter(pl.col("_field").is_null())
     good, outside = _window_check(good, window, timezone)
-    good.drop("payload", "_field").write_parquet(target, compression="lz4")
+    # the id hash is computed here, per chunk, so the de-duplication reads 16 bytes per row back, not the ids
+    good.select(*VALID_SCHEMA, pl.col("id").hash().alias("_hash")).write_parquet(target, compression="lz4")
     pl.concat([rejects, outside], how="vertical").write_parquet(reject_target, compression="lz4")
 
 
@@ -530,7 +534,7 @@ def transform_week(
                 name = f"{part_no:06d}-{offset:012d}.parquet"
                 chunk = raw.slice(offset, CHUNK_ROWS)
                 pending.append(pool.submit(_process_chunk, chunk, window, timezone, spool / name, reject_spool / name))
-                while len(pending) > 2 * WORKERS:  # bounded memory: at most a few chunks in flight
+                while len(pending) > MAX_PENDING:  # bounded memory: at most a few chunks in flight
                     pending.popleft().result()
             log.info("read raw part %d/%d (%d rows)", part_no + 1, len(urls), raw.height)
             del raw
@@ -542,16 +546,20 @@ def transform_week(
         validated = time.perf_counter()
         # The valid rows stay in the spool files: every step below scans them lazily (Polars streams the
         # scans), so memory does not grow with the week beyond 16 bytes per row for the de-duplication keys.
-        spool_scan = pl.scan_parquet(spooled, schema=VALID_SCHEMA) if spooled else pl.LazyFrame(schema=VALID_SCHEMA)
+        spool_scan = pl.scan_parquet(spooled, schema=SPOOL_SCHEMA) if spooled else pl.LazyFrame(schema=SPOOL_SCHEMA)
 
         # De-duplicate: latest occurred_at wins, ties -> highest _seq (received last).
         # A 64-bit hash pre-filter keeps the exact string comparison to the (few) candidate rows.
-        keys = spool_scan.select("_seq", pl.col("id").hash().alias("_hash")).collect()
+        keys = spool_scan.select("_seq", "_hash").collect()
         in_seq_order = keys.get_column("_seq").is_sorted()  # raw parts given in receive order (the usual case)
-        repeated = keys.filter(pl.col("_hash").is_duplicated()).get_column("_hash")
+        # Repeated hashes by sorting (8 bytes a row, ~10 MB at 1M rows) rather than is_duplicated(), whose hash
+        # table took ~100 MB at 1M rows and so made the transform's peak memory grow with the week.
+        hashes = keys.get_column("_hash").sort()
         del keys
+        repeated = hashes.filter(hashes == hashes.shift(1)).unique()
+        del hashes
         candidates = (
-            spool_scan.filter(pl.col("id").hash().is_in(repeated.implode())).select("_seq", "id", "occurred_at")
+            spool_scan.filter(pl.col("_hash").is_in(repeated.implode())).select("_seq", "id", "occurred_at")
         ).collect()
         superseded = (
             candidates.sort(["occurred_at", "_seq"]).filter(~pl.col("id").is_last_distinct()).select("_seq", "id")
