@@ -110,7 +110,10 @@ def _advance_checkpoint(rt: WeeklyRuntime, window: Window, run_id: str, log: Any
 
     next_week = window.end + timedelta(days=1)
     pipeline = rt.settings.pipeline_name
-    with concurrency(CHECKPOINT_LOCK, occupy=1, strict=True):
+    # The shortest lease the server accepts (60 s, renewed while held): a process killed inside this block
+    # frees the slot within ~75 s (lease + the 15 s repossessor loop) instead of 300 s, and a waiter gives up
+    # with a clear TimeoutError rather than hanging.
+    with concurrency(CHECKPOINT_LOCK, occupy=1, strict=True, lease_duration=60, timeout_seconds=180):
         applied = tracking.apply_or_queue(
             rt.engine,
             rt.lake,
@@ -151,6 +154,9 @@ def _process_week(
             log.info(
                 "week %s already committed by run %s and intact in the lake; skipping", window.label, existing.run_id
             )
+            # A crash between the run record and the checkpoint write leaves the checkpoint behind a committed
+            # week; moving it now (monotonic: never backwards) keeps the schedule from stalling on that week.
+            _advance_checkpoint(rt, window, existing.run_id, log)
             return WeekOutcome(
                 week_start=window.start,
                 run_id=existing.run_id,
@@ -370,7 +376,7 @@ def main(argv: list[str] | None = None) -> int:
     dry.add_argument("--no-dry-run", dest="dry_run", action="store_false", help="require Salesforce credentials")
     args = parser.parse_args(argv)
     try:
-        week = parse_week(args.week) if args.week else None
+        week = parse_week(args.week) if args.week is not None else None
     except ConfigurationError as exc:
         parser.error(str(exc))
     from prefect.settings import PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS, temporary_settings

@@ -98,7 +98,7 @@ SKIP_STALLS = (
     "the run record and the checkpoint write leaves the checkpoint behind for good (a scheduled run re-plans the "
     "same week and skips it again); fix proposed in notes/README-reliability.md (weekly.py is under active work)"
 )
-XFAIL = {"run-record|checkpoint", "checkpoint|variable"}
+XFAIL: set[str] = set()  # both skip-path stalls are fixed: a skipped committed week re-advances the checkpoint
 
 
 @pytest.mark.parametrize(
