@@ -257,6 +257,10 @@ def test_deploy_run_concurrency_limit_and_backfill(
     assert "working_dir" in pool["base_job_template"]["variables"]["properties"]
     assert deploy.wait(timeout=90) == 0, stack.logs()
     stack.mark("deployed")
+    # The documented CLI registration works too (the checkout is importable through PYTHONPATH here).
+    registered = stack.run("block-register", [PREFECT, "block", "register", "-m", "blocks"], cwd=checkout)
+    for name in ("Source API", "Data Lake", "Salesforce Credentials", "Pipeline Settings"):
+        assert name in registered, registered
     [deployment] = _api(stack, "POST", "/deployments/filter", json={"deployments": {"name": {"any_": [DEPLOYMENT]}}})
     flow_name = _api(stack, "GET", f"/flows/{deployment['flow_id']}")["name"]
     assert deployment["work_pool_name"] == POOL
