@@ -13,6 +13,10 @@ The product has no test hooks. The kill points are chosen here, from the outside
   is fully written under its temp name, not yet in place.
 * ``open:<glob>[#n]``: the ``n``-th (default 1st) open of a path matching ``<glob>``: a temp file is created and
   empty, i.e. the process dies in the middle of writing a file.
+* ``call:<module>.<function>[#n]``: the ``n``-th call of a module-level function (looked up at call time by the code
+  under test), before it runs, e.g. ``call:tasks.ingest_db.load_batch#3`` = after two committed batches.
+
+``RELIABILITY_MODULE`` picks the flow module whose ``main(argv)`` runs (default ``flows.weekly``).
 
 Two modes:
 
@@ -77,6 +81,24 @@ def _install_kill(spec: str) -> None:
             _die(spec)
 
         weekly._mirror_checkpoint = mirror
+    elif kind == "call":
+        import importlib
+
+        target, _, nth = arg.partition("#")
+        module_name, _, func_name = target.rpartition(".")
+        module = importlib.import_module(module_name)
+        original_func = getattr(module, func_name)
+        wanted_call = int(nth or 1)
+        calls = 0
+
+        def wrapper(*args, **kwargs):
+            nonlocal calls
+            calls += 1
+            if calls == wanted_call:
+                _die(spec)
+            return original_func(*args, **kwargs)
+
+        setattr(module, func_name, wrapper)
     elif kind in ("rename", "open"):
         pattern, _, nth = arg.partition("#")
         wanted = int(nth or 1)
@@ -120,9 +142,11 @@ def _run_once(argv: list[str], storage: str | None = None) -> int:
         _route_salesforce(int(os.environ["RELIABILITY_SF_PORT"]))
     if os.environ.get("RELIABILITY_KILL_AT"):
         _install_kill(os.environ["RELIABILITY_KILL_AT"])
+    import importlib
+
     from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
 
-    from flows.weekly import main as weekly_main
+    flow_main = importlib.import_module(os.environ.get("RELIABILITY_MODULE") or "flows.weekly").main
 
     updates: dict = {PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}
     if storage:
@@ -130,7 +154,7 @@ def _run_once(argv: list[str], storage: str | None = None) -> int:
 
         updates[PREFECT_LOCAL_STORAGE_PATH] = storage
     with temporary_settings(updates):
-        return weekly_main(argv)
+        return flow_main(argv)
 
 
 def _zygote() -> int:
@@ -145,6 +169,8 @@ def _zygote() -> int:
     from prefect.concurrency.sync import concurrency  # noqa: F401
     from prefect.variables import Variable  # noqa: F401
 
+    import flows.ingest  # noqa: F401
+    import flows.warehouse  # noqa: F401
     import flows.weekly  # noqa: F401
     import tasks.extract  # noqa: F401
     import tasks.salesforce  # noqa: F401
