@@ -33,7 +33,7 @@ from flows.weekly_report import (
     run_counts,
     summary_artifact,
 )
-from tasks import tracking
+from tasks import pending, tracking
 from tasks.errors import ConfigurationError, DataQualityError, PipelineError, is_retryable, redact_text
 from tasks.lake import read_manifest
 from tasks.models import Window
@@ -114,7 +114,7 @@ def _advance_checkpoint(rt: WeeklyRuntime, window: Window, run_id: str, log: Any
     # frees the slot within ~75 s (lease + the 15 s repossessor loop) instead of 300 s, and a waiter gives up
     # with a clear TimeoutError rather than hanging.
     with concurrency(CHECKPOINT_LOCK, occupy=1, strict=True, lease_duration=60, timeout_seconds=180):
-        applied = tracking.apply_or_queue(
+        applied = pending.apply_or_queue(
             rt.engine,
             rt.lake,
             pipeline,
@@ -264,7 +264,7 @@ def _process_week(
     # Data is committed in the lake (and Salesforce). From here on, a tracking write that fails because the
     # database is unavailable is queued in the lake and replayed by the next run; nothing is lost.
     finish = {"run_id": run_id, "status": outcome.status, "counts": run_counts(outcome), "supersede": replace_existing}
-    if not tracking.apply_or_queue(rt.engine, rt.lake, pipeline, "finish_run", finish):
+    if not pending.apply_or_queue(rt.engine, rt.lake, pipeline, "finish_run", finish):
         log.error("run record write failed: database unavailable; queued for replay")
     _advance_checkpoint(rt, window, run_id, log)
     return outcome
@@ -331,7 +331,7 @@ def weekly_reverse_etl(
         summary = WeeklySummary(lake=rt.lake_block.base_url, embedded_defaults=rt.embedded)
         summary.database = rt.describe()["database"]
         pipeline = rt.settings.pipeline_name
-        replayed = tracking.replay_pending(rt.engine, rt.lake, pipeline)
+        replayed = pending.replay_pending(rt.engine, rt.lake, pipeline)
         replayed.raise_for_error()  # never process a week on a checkpoint that is still queued
         summary.replayed_pending = replayed.applied
         if replayed.applied:

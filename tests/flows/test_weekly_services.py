@@ -14,7 +14,7 @@ from prefect.blocks.notifications import SlackWebhook
 
 import blocks
 from flows.weekly import CURATED_ZONE, weekly_reverse_etl
-from tasks import tracking
+from tasks import pending, tracking
 from tasks.errors import DataQualityError, LakeUnavailableError
 from tasks.lake import LakeFS, read_manifest
 from tests.flows.conftest import WEEK, checkpoint_variable, db_checkpoint
@@ -98,7 +98,7 @@ def test_tracking_writes_lost_to_a_killed_connection_are_replayed_once(
     weekly_env.lake_block()
     weekly_env.settings()
     engine = weekly_env.database(pg_url)
-    real_apply = tracking.apply_or_queue
+    real_apply = pending.apply_or_queue
     admin = psycopg.connect(host="127.0.0.1", user="postgres", dbname="postgres", autocommit=True)
 
     def kill_database_then_apply(engine_, lake, pipeline, op, args, **kw):
@@ -107,14 +107,14 @@ def test_tracking_writes_lost_to_a_killed_connection_are_replayed_once(
             admin.execute("select pg_terminate_backend(pid) from pg_stat_activity where datname = %s", (pg_database,))
         return real_apply(engine_, lake, pipeline, op, args, **kw)
 
-    monkeypatch.setattr(tracking, "apply_or_queue", kill_database_then_apply)
+    monkeypatch.setattr(pending, "apply_or_queue", kill_database_then_apply)
     try:
         summary = weekly_reverse_etl(week=WEEK)
     finally:
         admin.execute(f'alter database "{pg_database}" allow_connections true')
-        monkeypatch.setattr(tracking, "apply_or_queue", real_apply)
+        monkeypatch.setattr(pending, "apply_or_queue", real_apply)
     assert summary.weeks[0].status.startswith("SUCCESS")
-    assert len(tracking.pending_items(weekly_env.lake, PIPELINE)) == 2  # finish_run + advance_checkpoint queued
+    assert len(pending.pending_items(weekly_env.lake, PIPELINE)) == 2  # finish_run + advance_checkpoint queued
     [run] = tracking.runs(engine, PIPELINE)
     assert run.status == "RUNNING" and db_checkpoint(engine) is None
     assert checkpoint_variable() is None  # the mirror never runs ahead of the database
@@ -122,7 +122,7 @@ def test_tracking_writes_lost_to_a_killed_connection_are_replayed_once(
     requests_before = source_api.stats.requests
     again = weekly_reverse_etl(week=WEEK)
     assert again.replayed_pending == 2
-    assert tracking.pending_items(weekly_env.lake, PIPELINE) == []
+    assert pending.pending_items(weekly_env.lake, PIPELINE) == []
     [run] = tracking.runs(engine, PIPELINE)  # applied exactly once, no second run for the week
     assert run.status == summary.weeks[0].status and run.fetched == summary.weeks[0].fetched
     assert db_checkpoint(engine) == WEEK + timedelta(days=7)

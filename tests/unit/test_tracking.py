@@ -13,6 +13,7 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
+from tasks import pending
 from tasks import tracking as tr
 from tasks.errors import DatabaseUnavailableError, DuplicateRunError, TrackingError, is_retryable
 from tasks.lake import LakeFS
@@ -259,26 +260,26 @@ def test_checkpoint_document_round_trip_and_errors() -> None:
 def test_pending_items_replay_in_order_once(engine: Engine, lake: LakeFS) -> None:
     run_id = tr.start_run(engine, P, W1)
     tr.start_stage(engine, run_id, "publish")
-    tr.queue_pending(lake, P, "finish_stage", {"run_id": run_id, "stage": "publish", "status": "SUCCESS"})
-    tr.queue_pending(lake, P, "finish_run", {"run_id": run_id, "status": "SUCCESS", "counts": {"fetched": 3}})
-    tr.queue_pending(lake, P, "advance_checkpoint", {"pipeline": P, "next_week_start": W3, "run_id": run_id})
+    pending.queue_pending(lake, P, "finish_stage", {"run_id": run_id, "stage": "publish", "status": "SUCCESS"})
+    pending.queue_pending(lake, P, "finish_run", {"run_id": run_id, "status": "SUCCESS", "counts": {"fetched": 3}})
+    pending.queue_pending(lake, P, "advance_checkpoint", {"pipeline": P, "next_week_start": W3, "run_id": run_id})
     # An older checkpoint queued later must not move the checkpoint back (monotonic).
-    tr.queue_pending(lake, P, "advance_checkpoint", {"next_week_start": W2.isoformat(), "run_id": "older"})
-    items = tr.pending_items(lake, P)
+    pending.queue_pending(lake, P, "advance_checkpoint", {"next_week_start": W2.isoformat(), "run_id": "older"})
+    items = pending.pending_items(lake, P)
     assert len(items) == 4 and items == sorted(items)
     assert all(i.startswith(f"_pending/{P}/") and i.endswith(".json") for i in items)
     first = json.loads(lake.read_bytes(items[0]))
     assert first["op"] == "finish_stage" and first["args"]["now"].endswith("+00:00")
 
-    result = tr.replay_pending(engine, lake, P)
+    result = pending.replay_pending(engine, lake, P)
     assert (result.applied, result.remaining, result.ok) == (4, 0, True)
-    assert tr.pending_items(lake, P) == []
+    assert pending.pending_items(lake, P) == []
     assert tr.get_run(engine, run_id).status == "SUCCESS" and tr.get_run(engine, run_id).fetched == 3
     assert tr.stages(engine, run_id)[0].status == "SUCCESS"
     assert tr.checkpoint_state(engine, P).next_week_start == W3
     assert tr.checkpoint_state(engine, P).last_run_id == run_id
 
-    again = tr.replay_pending(engine, lake, P)
+    again = pending.replay_pending(engine, lake, P)
     assert (again.applied, again.remaining, again.ok) == (0, 0, True)
 
 
@@ -286,25 +287,25 @@ def test_replaying_an_item_that_already_landed_is_a_no_op(engine: Engine, lake: 
     run_id = tr.start_run(engine, P, W1)
     args = {"run_id": run_id, "status": "SUCCESS", "counts": {"fetched": 7}, "now": T0}
     tr.finish_run(engine, **args)  # the write landed, but the caller thought it failed and queued it
-    tr.queue_pending(lake, P, "finish_run", args)
+    pending.queue_pending(lake, P, "finish_run", args)
     tr.advance_checkpoint(engine, P, W2, run_id)
-    tr.queue_pending(lake, P, "advance_checkpoint", {"next_week_start": W2, "run_id": run_id})
-    result = tr.replay_pending(engine, lake, P)
+    pending.queue_pending(lake, P, "advance_checkpoint", {"next_week_start": W2, "run_id": run_id})
+    result = pending.replay_pending(engine, lake, P)
     assert (result.applied, result.remaining) == (2, 0)
     assert tr.get_run(engine, run_id).fetched == 7 and len(tr.runs(engine, P)) == 1
     assert tr.get_checkpoint(engine, P) == W2
 
 
 def test_partial_replay_removes_only_what_was_applied(engine: Engine, lake: LakeFS) -> None:
-    tr.queue_pending(lake, P, "advance_checkpoint", {"next_week_start": W2, "run_id": "a"})
-    tr.queue_pending(lake, P, "finish_run", {"run_id": "never-started", "status": "SUCCESS"})
-    tr.queue_pending(lake, P, "advance_checkpoint", {"next_week_start": W3, "run_id": "c"})
-    items = tr.pending_items(lake, P)
+    pending.queue_pending(lake, P, "advance_checkpoint", {"next_week_start": W2, "run_id": "a"})
+    pending.queue_pending(lake, P, "finish_run", {"run_id": "never-started", "status": "SUCCESS"})
+    pending.queue_pending(lake, P, "advance_checkpoint", {"next_week_start": W3, "run_id": "c"})
+    items = pending.pending_items(lake, P)
 
-    result = tr.replay_pending(engine, lake, P)
+    result = pending.replay_pending(engine, lake, P)
     assert (result.applied, result.remaining, result.failed_item) == (1, 2, items[1])
     assert not result.retryable and "never-started" in result.error
-    assert tr.pending_items(lake, P) == items[1:]
+    assert pending.pending_items(lake, P) == items[1:]
     assert tr.get_checkpoint(engine, P) == W2  # the third item waits behind the failed one (order kept)
     with pytest.raises(TrackingError, match="pending replay stopped at"):
         result.raise_for_error()
@@ -312,13 +313,13 @@ def test_partial_replay_removes_only_what_was_applied(engine: Engine, lake: Lake
 
 def test_corrupt_pending_item_is_reported_by_file(engine: Engine, lake: LakeFS) -> None:
     lake.write_bytes(f"_pending/{P}/00000000T000000000000000Z-bad.json", b"{not json")
-    result = tr.replay_pending(engine, lake, P)
+    result = pending.replay_pending(engine, lake, P)
     assert result.applied == 0 and result.remaining == 1
     assert "bad.json" in result.failed_item
     with pytest.raises(TrackingError):
-        tr.queue_pending(lake, P, "drop_table", {})
+        pending.queue_pending(lake, P, "drop_table", {})
     with pytest.raises(TrackingError, match="unknown argument"):
-        tr.queue_pending(lake, P, "finish_run", {"run_id": "x", "status": "SUCCESS", "sql": "drop"})
+        pending.queue_pending(lake, P, "finish_run", {"run_id": "x", "status": "SUCCESS", "sql": "drop"})
 
 
 # --- connection failures (real PostgreSQL kills) --------------------------------------------------------------
@@ -389,30 +390,30 @@ def test_checkpoint_write_killed_is_queued_and_replayed_exactly_once(pg_engine: 
         # The caller's path: apply_or_queue queues when the database is unavailable.
         hook.remaining = 2
         assert (
-            tr.apply_or_queue(pg_engine, lake, P, "advance_checkpoint", {"next_week_start": W2, "run_id": run_id})
+            pending.apply_or_queue(pg_engine, lake, P, "advance_checkpoint", {"next_week_start": W2, "run_id": run_id})
             is False
         )
     finally:
         hook.remove()
-    [item] = tr.pending_items(lake, P)
+    [item] = pending.pending_items(lake, P)
     stored = json.loads(lake.read_bytes(item))
     assert stored["op"] == "advance_checkpoint" and "Sup3rS3cretPW" not in lake.read_bytes(item).decode()
 
-    result = tr.replay_pending(pg_engine, lake, P)
+    result = pending.replay_pending(pg_engine, lake, P)
     assert (result.applied, result.remaining) == (1, 0)
     state = tr.checkpoint_state(pg_engine, P)
     assert (state.next_week_start, state.last_run_id) == (W2, run_id)
-    assert tr.replay_pending(pg_engine, lake, P).applied == 0
-    assert tr.apply_or_queue(pg_engine, lake, P, "advance_checkpoint", {"next_week_start": W3}) is True
+    assert pending.replay_pending(pg_engine, lake, P).applied == 0
+    assert pending.apply_or_queue(pg_engine, lake, P, "advance_checkpoint", {"next_week_start": W3}) is True
 
 
 def test_replay_stops_on_a_dropped_connection_and_resumes(pg_engine: Engine, lake: LakeFS) -> None:
     run_id = tr.start_run(pg_engine, P, W1)
-    tr.queue_pending(lake, P, "finish_run", {"run_id": run_id, "status": "SUCCESS"})
-    tr.queue_pending(lake, P, "advance_checkpoint", {"next_week_start": W2, "run_id": run_id})
+    pending.queue_pending(lake, P, "finish_run", {"run_id": run_id, "status": "SUCCESS"})
+    pending.queue_pending(lake, P, "advance_checkpoint", {"next_week_start": W2, "run_id": run_id})
     hook = KillBeforeCheckpointWrite(pg_engine, times=2)
     try:
-        result = tr.replay_pending(pg_engine, lake, P)
+        result = pending.replay_pending(pg_engine, lake, P)
     finally:
         hook.remove()
     assert (result.applied, result.remaining, result.retryable) == (1, 1, True)
@@ -421,7 +422,7 @@ def test_replay_stops_on_a_dropped_connection_and_resumes(pg_engine: Engine, lak
         result.raise_for_error()
     assert tr.get_run(pg_engine, run_id).status == "SUCCESS"
     assert tr.get_checkpoint(pg_engine, P) is None
-    resumed = tr.replay_pending(pg_engine, lake, P)
+    resumed = pending.replay_pending(pg_engine, lake, P)
     assert (resumed.applied, resumed.remaining) == (1, 0)
     assert tr.get_checkpoint(pg_engine, P) == W2
 
@@ -482,13 +483,13 @@ def test_pending_queue_on_other_lakes(kind: str, tmp_path) -> None:
     else:
         lake = FutureLake((tmp_path / "lake").as_uri())
         lake.calls = []
-    assert tr.pending_items(lake, P) == []
-    tr.queue_pending(lake, P, "advance_checkpoint", {"next_week_start": W2, "run_id": "a"})
-    tr.queue_pending(lake, P, "advance_checkpoint", {"next_week_start": W3, "run_id": "b"})
-    assert len(tr.pending_items(lake, P)) == 2
-    result = tr.replay_pending(engine, lake, P)
+    assert pending.pending_items(lake, P) == []
+    pending.queue_pending(lake, P, "advance_checkpoint", {"next_week_start": W2, "run_id": "a"})
+    pending.queue_pending(lake, P, "advance_checkpoint", {"next_week_start": W3, "run_id": "b"})
+    assert len(pending.pending_items(lake, P)) == 2
+    result = pending.replay_pending(engine, lake, P)
     assert (result.applied, result.remaining) == (2, 0)
-    assert tr.pending_items(lake, P) == []
+    assert pending.pending_items(lake, P) == []
     assert tr.checkpoint_state(engine, P).last_run_id == "b"
     if kind == "future":
         assert {"write_json_atomic", "read_json", "list", "delete"} <= set(lake.calls)
@@ -511,8 +512,8 @@ def test_sqlite_lock_contention_is_unavailable_and_naive_times_are_refused(tmp_p
         holder.close()
     assert tr.advance_checkpoint(engine, P, W2, "r") == W2
     with pytest.raises(TrackingError, match="timezone"):
-        tr.queue_pending(lake, P, "advance_checkpoint", {"next_week_start": W3, "now": datetime(2026, 1, 1)})
-    assert tr.pending_items(lake, P) == []
+        pending.queue_pending(lake, P, "advance_checkpoint", {"next_week_start": W3, "now": datetime(2026, 1, 1)})
+    assert pending.pending_items(lake, P) == []
     engine.dispose()
 
 
