@@ -14,7 +14,7 @@ Every variant then runs in its own child process against that same server, so ea
     counted, nothing validated or written.
 (b) ``library``: this library's data path without Prefect: ``tasks.extract.extract_window`` (raw Parquet parts)
     -> ``tasks.transform.transform_week`` (validate, reject, de-duplicate, aggregate; valid/rejects/metrics
-    Parquet) -> ``tasks.lake.publish_week`` (copy into the week's attempt folder + atomic manifest) on a local
+    Parquet) -> ``tasks.publish.publish_week`` (copy into the week's attempt folder + atomic manifest) on a local
     ``file://`` lake. The source is passed as a plain attribute object with ``blocks.SourceApi``'s defaults
     (``extract_window`` only reads attributes); importing the Prefect block would add ~13 s and ~80 MB of
     import-time RSS that the data path itself does not need.
@@ -140,8 +140,9 @@ class BenchSource:
 
 def run_library(url: str, n: int, workdir: Path) -> dict[str, Any]:
     from tasks.extract import extract_window
-    from tasks.lake import LakeFS, publish_week
+    from tasks.lake import LakeFS
     from tasks.models import Window
+    from tasks.publish import publish_week
     from tasks.transform import transform_week
 
     base_url, _, endpoint = url.partition("/events")

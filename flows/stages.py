@@ -26,8 +26,9 @@ from tasks import quality
 from tasks import salesforce as salesforce_mod
 from tasks import transform as transform_mod
 from tasks.errors import is_retryable
-from tasks.lake import LakeFS, PublishResult, publish_week
+from tasks.lake import LakeFS
 from tasks.models import ExtractResult, TransformResult, Window
+from tasks.publish import PublishResult, publish_week
 
 # Base of the exponential task-retry backoff (seconds). Process behaviour, so an environment switch.
 RETRY_BASE_SECONDS = float(os.environ.get("WEEKLY_ETL_RETRY_BASE_SECONDS", "10"))

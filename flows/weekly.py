@@ -35,8 +35,8 @@ from flows.weekly_report import (
 )
 from tasks import pending, tracking
 from tasks.errors import ConfigurationError, DataQualityError, PipelineError, is_retryable, redact_text
-from tasks.lake import read_manifest
 from tasks.models import Window
+from tasks.publish import read_manifest
 from tasks.quality import RunStatus, enforce
 from tasks.weeks import parse_week, plan_weeks, today_in
 

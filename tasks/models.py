@@ -74,7 +74,7 @@ class TransformResult(BaseModel):
 class Manifest(BaseModel):
     """Commit marker of one published lake week (``<zone>/week=<YYYY-MM-DD>/_manifest.json``).
 
-    Written last, in one atomic write; readers trust only the files it lists (see tasks/lake.py).
+    Written last, in one atomic write; readers trust only the files it lists (see tasks/publish.py).
     """
 
     model_config = ConfigDict(frozen=True)

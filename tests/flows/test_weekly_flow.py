@@ -12,7 +12,7 @@ import blocks
 from flows.weekly import weekly_reverse_etl
 from tasks import tracking
 from tasks.errors import ConfigurationError, DataQualityError
-from tasks.lake import read_committed, read_manifest
+from tasks.publish import read_committed, read_manifest
 from tasks.weeks import last_complete_week, today_in
 from tests.flows.conftest import WEEK, checkpoint_variable, db_checkpoint
 

@@ -16,7 +16,8 @@ import blocks
 from flows.weekly import CURATED_ZONE, weekly_reverse_etl
 from tasks import pending, tracking
 from tasks.errors import DataQualityError, LakeUnavailableError
-from tasks.lake import LakeFS, read_manifest
+from tasks.lake import LakeFS
+from tasks.publish import read_manifest
 from tests.flows.conftest import WEEK, checkpoint_variable, db_checkpoint
 
 PIPELINE = "weekly-customer-metrics"

@@ -20,7 +20,8 @@ import sqlalchemy as sa
 
 import blocks
 from tasks import tracking
-from tasks.lake import LakeFS, read_manifest
+from tasks.lake import LakeFS
+from tasks.publish import read_manifest
 from tests.reliability.conftest import PIPELINE, save_standard_blocks
 
 WEEK = date(2024, 1, 1)

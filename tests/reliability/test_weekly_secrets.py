@@ -152,7 +152,7 @@ def _scan_db(engine: sa.Engine, found: list[str]) -> int:
 def test_no_secret_in_logs_artifacts_states_files_or_tables(
     rig, pg_url, make_source_api, source_api, fake_salesforce, azurite, azurite_lake_block, azurite_lake, figures
 ):
-    from tasks.lake import read_manifest
+    from tasks.publish import read_manifest
 
     source_api.config.total = 300
     source_api.config.auth, source_api.config.secret = "bearer", SOURCE_SECRET

@@ -10,9 +10,10 @@ import polars as pl
 import pytest
 
 from tasks.errors import ConfigurationError, IntegrityError
-from tasks.lake import (
+from tasks.lake import LakeFS
+from tasks.models import FileRef
+from tasks.publish import (
     MANIFEST_NAME,
-    LakeFS,
     committed_files,
     committed_weeks,
     publish_week,
@@ -20,7 +21,6 @@ from tasks.lake import (
     read_manifest,
     staging_rel,
 )
-from tasks.models import FileRef
 
 WEEK = "2024-01-01"
 ZONE = "curated/events"

@@ -14,7 +14,8 @@ from tasks.errors import (
     LakeUnavailableError,
     is_retryable,
 )
-from tasks.lake import LakeFS, publish_week, read_committed, read_manifest
+from tasks.lake import LakeFS
+from tasks.publish import publish_week, read_committed, read_manifest
 from tests.support.azurite import ACCOUNT_KEY
 
 WEEK = "2024-01-01"
