@@ -6,7 +6,7 @@ The product has no test hooks. The kill points are chosen here, from the outside
 * ``stage:<name>``: when the flow records the start of stage ``<name>`` (``tracking.start_stage``), i.e. at the
   boundary between the previous stage and this one.
 * ``op:<op>``: when the flow is about to apply the tracking write ``<op>`` (``finish_run`` /
-  ``advance_checkpoint``) through ``tracking.apply_or_queue``.
+  ``advance_checkpoint``) through ``pending.apply_or_queue``.
 * ``mirror``: after the checkpoint was written to the database, before the Prefect Variable mirror is set
   (inside the checkpoint lock).
 * ``rename:<glob>``: an ``os.replace``/``os.rename`` whose target matches ``<glob>`` (Python audit hook): the file
@@ -64,16 +64,16 @@ def _install_kill(spec: str) -> None:
 
         tracking.start_stage = start_stage
     elif kind == "op":
-        from tasks import tracking
+        from tasks import pending
 
-        original_apply = tracking.apply_or_queue
+        original_apply = pending.apply_or_queue
 
         def apply_or_queue(engine, lake, pipeline, op, args, **kwargs):
             if op == arg:
                 _die(spec)
             return original_apply(engine, lake, pipeline, op, args, **kwargs)
 
-        tracking.apply_or_queue = apply_or_queue
+        pending.apply_or_queue = apply_or_queue
     elif kind == "mirror":
         import flows.weekly as weekly
 
