@@ -74,8 +74,11 @@ def _ensure_checkpoint_lock() -> None:
 
 
 def _read_checkpoint(rt: WeeklyRuntime, log: Any) -> date | None:
-    """The database is the source of truth; the Variable is read only to warn when it drifted."""
-    db_value = tracking.get_checkpoint(rt.engine, rt.settings.pipeline_name)
+    """The database is the source of truth. The Variable is used only while the database has no checkpoint yet
+    (e.g. seeded by ``python -m flows.setup --first-week``) and otherwise read to warn when it drifted."""
+    state = tracking.checkpoint_state(rt.engine, rt.settings.pipeline_name)
+    db_value = state.next_week_start if state is not None else None
+    updated_at = state.updated_at if state is not None else None
     doc = Variable.get(rt.settings.checkpoint_variable, default=None)
     if doc:
         try:
@@ -86,19 +89,20 @@ def _read_checkpoint(rt: WeeklyRuntime, log: Any) -> date | None:
             )
             var_value = None
         if db_value is None and var_value is not None:
-            log.info("seeding the database checkpoint from the Variable: %s", var_value)
+            log.info("the database has no checkpoint yet; starting from the Variable's %s", var_value)
             db_value = var_value
+            updated = doc.get("updated_at") if isinstance(doc, dict) else None
+            updated_at = datetime.fromisoformat(updated) if updated else None
         elif var_value is not None and var_value != db_value:
             log.warning("checkpoint Variable says %s, database says %s; the database wins", var_value, db_value)
-        updated = doc.get("updated_at") if isinstance(doc, dict) else None
-        if updated:
-            age = datetime.now(UTC) - datetime.fromisoformat(updated)
-            if age > timedelta(days=rt.settings.stale_checkpoint_days):
-                log.warning(
-                    "checkpoint was last updated %s days ago (threshold %s days): is the schedule running?",
-                    age.days,
-                    rt.settings.stale_checkpoint_days,
-                )
+    if updated_at is not None:
+        age = datetime.now(UTC) - updated_at
+        if age > timedelta(days=rt.settings.stale_checkpoint_days):
+            log.warning(
+                "checkpoint was last updated %s days ago (threshold %s days): is the schedule running?",
+                age.days,
+                rt.settings.stale_checkpoint_days,
+            )
     return db_value
 
 
@@ -146,6 +150,9 @@ def _process_week(
 ) -> WeekOutcome:
     pipeline = rt.settings.pipeline_name
     flow_run_id = _flow_run_id()
+    abandoned = tracking.fail_abandoned_runs(rt.engine, pipeline, week_start=window.start)
+    if abandoned:
+        log.warning("marked %d run(s) of week %s left RUNNING by a crashed process as FAILED", abandoned, window.label)
     existing = tracking.last_successful_run(rt.engine, pipeline, window.start)
     replace_existing = full_refresh
     if existing is not None and not full_refresh:
@@ -339,9 +346,6 @@ def weekly_reverse_etl(
             stored = tracking.checkpoint_state(rt.engine, pipeline)
             if stored is not None:
                 _mirror_checkpoint(rt.settings.checkpoint_variable, stored.next_week_start, stored.last_run_id)
-        abandoned = tracking.fail_abandoned_runs(rt.engine, pipeline)
-        if abandoned:
-            log.warning("marked %d run(s) left RUNNING by a crashed process as FAILED", abandoned)
         checkpoint = _read_checkpoint(rt, log)
         effective_dry_run = rt.salesforce is None if dry_run is None else (dry_run or rt.salesforce is None)
         if dry_run is False and rt.salesforce is None:

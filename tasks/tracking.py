@@ -472,12 +472,17 @@ def fail_abandoned_runs(
     pipeline: str,
     *,
     reason: str = "abandoned: the process ended before finishing the run",
+    week_start: date | None = None,
     exclude: str | None = None,
     now: datetime | None = None,
     logger: Logger | None = None,
 ) -> int:
-    """Mark this pipeline's RUNNING runs (other than ``exclude``) FAILED. Call after :func:`replay_pending`,
-    under the flow's concurrency limit, so a crashed run does not stay RUNNING forever. Returns the count."""
+    """Mark this pipeline's RUNNING runs (other than ``exclude``; of ``week_start`` only, when given) FAILED, so a
+    crashed run does not stay RUNNING forever. Returns the count.
+
+    Scope it to the week about to be processed: a week is never processed by two live runs at once, so a RUNNING
+    run of that week is provably left over, whereas runs of other weeks may be live (a backfill runs weeks
+    concurrently) and must not be touched."""
     _check_pipeline(pipeline)
     ended = _now(now)
 
@@ -485,6 +490,8 @@ def fail_abandoned_runs(
         query = pipeline_run.update().where(
             pipeline_run.c.pipeline == pipeline, pipeline_run.c.status == RunStatus.RUNNING.value
         )
+        if week_start is not None:
+            query = query.where(pipeline_run.c.week_start == _check_week(week_start, "week_start"))
         if exclude is not None:
             query = query.where(pipeline_run.c.run_id != exclude)
         return conn.execute(

@@ -167,3 +167,27 @@ def test_unreachable_api_fails_clearly_and_keeps_checkpoint(weekly_env, make_sou
         weekly_reverse_etl(week=WEEK)
     assert "127.0.0.1:9" in str(info.value) or "connect" in str(info.value).lower()
     assert checkpoint_variable() is None
+
+
+def test_seeded_variable_starts_an_empty_database_and_a_stale_checkpoint_warns(
+    weekly_env, make_source_api, source_api, caplog
+):
+    from datetime import UTC, datetime
+
+    from prefect.variables import Variable
+
+    source_api.config.total = 200
+    weekly_env.save(make_source_api("page_number"), blocks.SOURCE_BLOCK)
+    weekly_env.settings()
+    # What `python -m flows.setup --first-week` writes, 20 days ago; the tracking database has no checkpoint yet.
+    last = last_complete_week(today_in("UTC"))
+    Variable.set(
+        "weekly-checkpoint",
+        tracking.checkpoint_document(last, None, datetime.now(UTC) - timedelta(days=20)),
+        overwrite=True,
+    )
+    with caplog.at_level("WARNING"):
+        summary = weekly_reverse_etl()
+    assert [w.week_start for w in summary.weeks] == [last]
+    assert any("last updated 20 days ago" in r.getMessage() for r in caplog.records)
+    assert checkpoint_variable()["next_week_start"] == (last + timedelta(days=7)).isoformat()

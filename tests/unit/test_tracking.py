@@ -529,3 +529,11 @@ def test_full_refresh_supersedes_the_earlier_success(engine: Engine) -> None:
     assert tr.finish_run(engine, second, "SUCCESS_WITH_REJECTS", {"fetched": 12, "rejected": 1}, supersede=True)
     assert tr.get_run(engine, first).status == "SUPERSEDED"
     assert tr.last_successful_run(engine, "p", week).run_id == second
+
+
+def test_fail_abandoned_runs_scoped_to_a_week_leaves_other_live_weeks_alone(engine: Engine) -> None:
+    crashed = tr.start_run(engine, "p", date(2024, 1, 1))
+    live_other_week = tr.start_run(engine, "p", date(2024, 1, 8))  # e.g. a concurrent backfill subflow
+    assert tr.fail_abandoned_runs(engine, "p", week_start=date(2024, 1, 1)) == 1
+    assert tr.get_run(engine, crashed).status == "FAILED"
+    assert tr.get_run(engine, live_other_week).status == "RUNNING"
