@@ -21,7 +21,6 @@ import io
 import time
 from datetime import date, timedelta
 
-import polars as pl
 import pytest
 import sqlalchemy as sa
 
@@ -225,7 +224,9 @@ def _variable_checkpoint() -> date | None:
 
 
 def test_blocks_are_saved_on_the_session_server(rig, make_source_api, pg_url):
-    """The rig's own plumbing: a block saved by the test process is what the child loads."""
+    """The rig's own plumbing: blocks saved by the test process land on the session server the children use."""
+    from prefect.settings import PREFECT_API_URL
+
     save_standard_blocks(rig, make_source_api("cursor"), pg_url)
+    assert PREFECT_API_URL.value() == rig.server_url
     assert blocks.SourceApi.load(blocks.SOURCE_BLOCK).pagination == "cursor"
-    assert pl.__version__
