@@ -191,3 +191,21 @@ def test_seeded_variable_starts_an_empty_database_and_a_stale_checkpoint_warns(
     assert [w.week_start for w in summary.weeks] == [last]
     assert any("last updated 20 days ago" in r.getMessage() for r in caplog.records)
     assert checkpoint_variable()["next_week_start"] == (last + timedelta(days=7)).isoformat()
+
+
+def test_changed_source_does_not_reuse_the_cached_extract(weekly_env, make_source_api, source_api, routed_salesforce):
+    weekly_env.save(make_source_api("page_number", page_size=100), blocks.SOURCE_BLOCK)
+    weekly_env.lake_block()
+    weekly_env.settings()
+    weekly_env.save(routed_salesforce.credentials("password"), blocks.SALESFORCE_BLOCK)
+    routed_salesforce.fail_next_job("InvalidBatch : simulated failure")
+    with pytest.raises(Exception, match="simulated failure"):
+        weekly_reverse_etl(week=WEEK)
+    after_first = source_api.stats.requests
+
+    # Same week, but the source block changed (another page size): the cache key changes, so it fetches again.
+    weekly_env.save(make_source_api("page_number", page_size=250), blocks.SOURCE_BLOCK)
+    summary = weekly_reverse_etl(week=WEEK)
+    assert summary.weeks[0].status.startswith("SUCCESS")
+    assert source_api.stats.requests > after_first
+    assert summary.weeks[0].fetched == source_api.config.total
