@@ -174,3 +174,41 @@ def test_failure_posts_slack_alert_naming_flow_week_stage_and_error(
     assert "weekly-reverse-etl" in text and WEEK.isoformat() in text
     assert "stage: quality_gate" in text and "DataQualityError" in text and "threshold" in text
     assert "api-key-SECRET-42" not in text and "hook-secret-xyz" not in text
+
+
+def test_postgres_restarted_mid_run_ends_in_one_committed_success(
+    weekly_env, make_source_api, source_api, pg_url, pg_database
+):
+    import subprocess
+    from pathlib import Path
+
+    source_api.faults.slow_times, source_api.faults.slow_seconds = 6, 0.5  # extract spans the restart
+    weekly_env.save(make_source_api("page_number", page_size=100), blocks.SOURCE_BLOCK)
+    weekly_env.lake_block()
+    weekly_env.settings()
+    engine = weekly_env.database(pg_url)
+    version = sorted(p.name for p in Path("/etc/postgresql").iterdir())[-1]
+    restarted: list[int] = []
+
+    def restart_during_extract() -> None:
+        deadline = time.monotonic() + 60
+        while source_api.stats.pages < 3 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        done = subprocess.run(
+            ["pg_ctlcluster", "--skip-systemctl-redirect", version, "main", "restart"], capture_output=True
+        )
+        restarted.append(done.returncode)
+
+    restarter = threading.Thread(target=restart_during_extract, daemon=True)
+    restarter.start()
+    summary = weekly_reverse_etl(week=WEEK)
+    restarter.join(timeout=60)
+
+    assert restarted == [0]  # the real server really went down and came back during the run
+    assert summary.weeks[0].status.startswith("SUCCESS")
+    runs = tracking.runs(engine, PIPELINE)
+    assert [r.status for r in runs].count(summary.weeks[0].status) == 1  # one committed success, no duplicate
+    assert all(r.status in ("SUCCESS", "SUCCESS_WITH_REJECTS", "FAILED") for r in runs)
+    assert db_checkpoint(engine) == WEEK + timedelta(days=7)
+    manifest = read_manifest(weekly_env.lake, CURATED_ZONE, WEEK)
+    assert manifest.extra["fetched"] == summary.weeks[0].fetched == source_api.config.total
