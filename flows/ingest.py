@@ -232,38 +232,43 @@ def ingest_flow(
     ensure_schema(engine, search_indexes=cfg.search_indexes)
     run_id = _run_id()
     started = datetime.now(UTC)
-    start_run(engine, run_id)
     results: list[SourceResult] = []
     counts: dict[str, dict[str, int]] = {}
     failures: list[str] = []
     day = today or datetime.now(UTC).date()
+    # the lease (a dedicated session holding the run's advisory lock) marks this run alive until released; a
+    # killed process loses it and the next start marks the run failed instead of leaving it 'running' forever
+    lease = start_run(engine, run_id, logger=logger)
     try:
-        for block in blocks:
-            try:
-                outcome = ingest_source(block, engine, run_id, cfg, day)
-            except Exception as exc:  # noqa: BLE001 - recorded per source; the run fails below
-                reason = redact_text(f"{block.name}: {type(exc).__name__}: {exc}")[:2000]
-                logger.error("source %s failed: %s", block.name, reason)
-                failures.append(reason)
-                results.append(SourceResult(source=block.name, kind=_kind(block), status="failed", error=reason))
-                counts[block.name] = {}
-                continue
-            counts[block.name] = outcome.counts
-            results.append(
-                SourceResult(
-                    source=block.name,
-                    kind=outcome.kind,
-                    status="success",
-                    counts=outcome.counts,
-                    batches=outcome.batches,
-                    drift=outcome.drift.summary() if outcome.drift else None,
+        try:
+            for block in blocks:
+                try:
+                    outcome = ingest_source(block, engine, run_id, cfg, day)
+                except Exception as exc:  # noqa: BLE001 - recorded per source; the run fails below
+                    reason = redact_text(f"{block.name}: {type(exc).__name__}: {exc}")[:2000]
+                    logger.error("source %s failed: %s", block.name, reason)
+                    failures.append(reason)
+                    results.append(SourceResult(source=block.name, kind=_kind(block), status="failed", error=reason))
+                    counts[block.name] = {}
+                    continue
+                counts[block.name] = outcome.counts
+                results.append(
+                    SourceResult(
+                        source=block.name,
+                        kind=outcome.kind,
+                        status="success",
+                        counts=outcome.counts,
+                        batches=outcome.batches,
+                        drift=outcome.drift.summary() if outcome.drift else None,
+                    )
                 )
-            )
-    except BaseException as exc:  # interrupted (KeyboardInterrupt, cancellation): still close the run record
-        finish_run(engine, run_id, status="failed", counts=counts, failure_reason=redact_text(repr(exc))[:2000])
-        raise
-    status = "failed" if failures else "success"
-    finish_run(engine, run_id, status=status, counts=counts, failure_reason="; ".join(failures)[:4000] or None)
+        except BaseException as exc:  # interrupted (KeyboardInterrupt, cancellation): still close the run record
+            finish_run(engine, run_id, status="failed", counts=counts, failure_reason=redact_text(repr(exc))[:2000])
+            raise
+        status = "failed" if failures else "success"
+        finish_run(engine, run_id, status=status, counts=counts, failure_reason="; ".join(failures)[:4000] or None)
+    finally:
+        lease.release()
     summary = IngestSummary(
         run_id=run_id,
         status=status,

@@ -11,6 +11,9 @@ Tables (created idempotently by :func:`ensure_schema`):
   ``etl_source_schema`` (observed fields per source and run), ``etl_schema_drift``, ``etl_meta`` (a data version
   bumped by every committed change to ``normalized_data``; the API keys its page-anchor cache on it).
 
+Run liveness: a 'running' ``etl_runs`` row is alive while its process holds the session advisory lock of its
+:class:`RunLease` (see :func:`start_run`); the next start marks rows whose lock is free as abandoned (failed).
+
 Bulk path: Polars frame -> CSV bytes -> ``COPY`` into a temp table (psycopg ``cursor.copy`` on the SQLAlchemy
 connection's DBAPI connection) -> ``INSERT ... SELECT ... ON CONFLICT``. No row-by-row inserts.
 """
@@ -29,6 +32,10 @@ from typing import Any, Literal
 import polars as pl
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from sqlalchemy import Connection, Engine, text
+from sqlalchemy import exc as sa_exc
+
+from tasks.errors import DatabaseUnavailableError, TrackingError
+from tasks.sql import is_unavailable, unavailable
 
 SourceKind = Literal["api", "csv", "rss"]
 RAW_TABLES: dict[str, str] = {"api": "raw_api_data", "csv": "raw_csv_data", "rss": "raw_rss_data"}
@@ -560,8 +567,123 @@ def load_batch(
 # --- runs -------------------------------------------------------------------------------------------------------
 
 
-def start_run(engine: Engine, run_id: str, flow: str = "ingest") -> None:
-    with engine.begin() as conn:
+RUN_LOCK_NAMESPACE = 0x494E4752  # "INGR": first key of every run-liveness lock (two-int advisory lock form)
+ABANDONED_REASON = "abandoned: the process ended before finishing the run"
+
+
+def run_lock_key(run_id: str) -> int:
+    """Second key of the run's advisory lock: a stable signed 32-bit hash of ``run_id`` (same in every process)."""
+    return int.from_bytes(hashlib.blake2b(run_id.encode("utf-8"), digest_size=4).digest(), "big", signed=True)
+
+
+class RunLease:
+    """Liveness of one ingest run: a DEDICATED session (not a pooled batch connection) holding the session-level
+    ``pg_advisory_lock(RUN_LOCK_NAMESPACE, run_lock_key(run_id))`` for the whole run.
+
+    PostgreSQL drops the lock when the session ends, also when the process is SIGKILLed (the server sees the socket
+    close), so "its lock is free" means "its process is gone". ``release()`` (idempotent; also the context manager
+    exit) closes the session. ``abandoned``: run ids this start marked failed because their owner was gone.
+    """
+
+    def __init__(self, run_id: str, conn: Connection, logger: Log) -> None:
+        self.run_id = run_id
+        self.abandoned: list[str] = []
+        self._conn: Connection | None = conn
+        self._log = logger
+
+    @property
+    def held(self) -> bool:
+        return self._conn is not None
+
+    def release(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is None:
+            return
+        try:
+            conn.close()  # detached: really closes the session, which frees the lock
+        except Exception as exc:  # noqa: BLE001 - a dead session holds no lock either; the run's outcome stands
+            self._log.warning("run %s: closing the liveness session failed (%s)", self.run_id, type(exc).__name__)
+
+    def __enter__(self) -> RunLease:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+def _liveness_session(engine: Engine) -> Connection:
+    conn = engine.connect()
+    try:
+        conn.execution_options(isolation_level="AUTOCOMMIT")
+        conn.detach()  # out of the pool's hands: closed (lock freed) on release, never handed to a batch
+    except BaseException:
+        conn.close()
+        raise
+    return conn
+
+
+def _fail_abandoned(conn: Connection, run_id: str, log: Log) -> list[str]:
+    """Mark failed every other 'running' run whose liveness lock is free (its process is gone). Never waits."""
+    marked: list[str] = []
+    others = conn.execute(
+        text("select run_id from etl_runs where status = 'running' and run_id <> :r order by started_at"), {"r": run_id}
+    ).scalars()
+    for other in list(others):
+        key = {"ns": RUN_LOCK_NAMESPACE, "k": run_lock_key(other)}
+        if not conn.execute(text("select pg_try_advisory_lock(:ns, :k)"), key).scalar_one():
+            continue  # its owner is alive
+        try:  # hold the lock while marking: a re-run of the same id cannot start in between and be clobbered
+            done = conn.execute(
+                text(
+                    "update etl_runs set status = 'failed', finished_at = clock_timestamp(), failure_reason = :why "
+                    "where run_id = :r and status = 'running'"
+                ),
+                {"why": ABANDONED_REASON, "r": other},
+            )
+        finally:
+            conn.execute(text("select pg_advisory_unlock(:ns, :k)"), key)
+        if done.rowcount:
+            marked.append(other)
+            log.warning("ingest run %s was abandoned (its process is gone); marked failed", other)
+    return marked
+
+
+def start_run(
+    engine: Engine,
+    run_id: str,
+    flow: str = "ingest",
+    *,
+    lock_wait_seconds: float = 10.0,
+    logger: Log | None = None,
+) -> RunLease:
+    """Record the run as 'running' under its liveness lock, then fail the other 'running' runs whose process is gone.
+
+    The lock is taken BEFORE the row is written, so a concurrent start never sees this run 'running' and unlocked.
+    The caller MUST ``release()`` the returned lease when the run is over (success or failure): use ``finally``.
+    Waits up to ``lock_wait_seconds`` for its own lock (held only for an instant by another run's check); still held
+    after that means the same run id is live elsewhere -> TrackingError. Connection failures ->
+    DatabaseUnavailableError (no URL or password in the message).
+    """
+    log = logger or logging.getLogger(__name__)
+    lease: RunLease | None = None
+    try:
+        lease = RunLease(run_id, _liveness_session(engine), log)
+        conn = lease._conn
+        assert conn is not None
+        conn.execute(
+            text("select set_config('lock_timeout', :t, false)"), {"t": f"{max(int(lock_wait_seconds * 1000), 1)}ms"}
+        )
+        try:
+            conn.execute(
+                text("select pg_advisory_lock(:ns, :k)"), {"ns": RUN_LOCK_NAMESPACE, "k": run_lock_key(run_id)}
+            )
+        except sa_exc.DBAPIError as exc:
+            if getattr(exc.orig, "sqlstate", None) != "55P03":  # lock_not_available
+                raise
+            raise TrackingError(
+                f"run_id {run_id!r}: its liveness lock is held by another live session after {lock_wait_seconds} s "
+                "(the same run is running twice)"
+            ) from None
         conn.execute(
             text(
                 "insert into etl_runs (run_id, flow, status, started_at) values (:r, :f, 'running', now()) "
@@ -569,6 +691,14 @@ def start_run(engine: Engine, run_id: str, flow: str = "ingest") -> None:
             ),
             {"r": run_id, "f": flow},
         )
+        lease.abandoned = _fail_abandoned(conn, run_id, log)
+        return lease
+    except BaseException as exc:
+        if lease is not None:
+            lease.release()
+        if isinstance(exc, DatabaseUnavailableError) or not is_unavailable(exc, engine.dialect.name):
+            raise
+        raise unavailable(exc, engine, f"start ingest run {run_id}") from None
 
 
 def finish_run(

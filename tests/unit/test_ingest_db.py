@@ -168,10 +168,11 @@ def fail_on_source_id(engine, source_id: str) -> None:
 
 
 def test_runs_record_status_counts_duration_and_reason(ingest_engine):
-    start_run(ingest_engine, "r1")
-    finish_run(ingest_engine, "r1", status="failed", counts={"a": {"read": 5}}, failure_reason="boom")
-    start_run(ingest_engine, "r2")
-    finish_run(ingest_engine, "r2", status="success", counts={"a": {"read": 2}, "b": {"read": 3}})
+    with start_run(ingest_engine, "r1"):
+        finish_run(ingest_engine, "r1", status="failed", counts={"a": {"read": 5}}, failure_reason="boom")
+    with start_run(ingest_engine, "r2") as lease:
+        finish_run(ingest_engine, "r2", status="success", counts={"a": {"read": 2}, "b": {"read": 3}})
+    assert lease.abandoned == []  # r1 finished: not abandoned
     with ingest_engine.connect() as conn:
         rows = conn.execute(
             text("select run_id, status, records_processed, failure_reason, duration_seconds >= 0, counts "
