@@ -23,6 +23,7 @@ from prefect.context import get_run_context
 from prefect.variables import Variable
 
 from flows import stages
+from flows.locks import global_lock
 from flows.notify import notify_failure
 from flows.runtime import WeeklyRuntime, weekly_runtime
 from flows.weekly_report import (
@@ -110,14 +111,9 @@ def _advance_checkpoint(rt: WeeklyRuntime, window: Window, run_id: str, log: Any
     """DB first (the source of truth), then the Variable mirror, under a global lock (Variables have no
     compare-and-set). When the database is unavailable after the data landed, the write is queued in the
     lake and replayed at the start of the next run; the Variable is then left alone (never ahead of the DB)."""
-    from prefect.concurrency.sync import concurrency
-
     next_week = window.end + timedelta(days=1)
     pipeline = rt.settings.pipeline_name
-    # The shortest lease the server accepts (60 s, renewed while held): a process killed inside this block
-    # frees the slot within ~75 s (lease + the 15 s repossessor loop) instead of 300 s, and a waiter gives up
-    # with a clear TimeoutError rather than hanging.
-    with concurrency(CHECKPOINT_LOCK, occupy=1, strict=True, lease_duration=60, timeout_seconds=180):
+    with global_lock(CHECKPOINT_LOCK):
         applied = pending.apply_or_queue(
             rt.engine,
             rt.lake,
