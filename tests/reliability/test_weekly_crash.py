@@ -58,7 +58,7 @@ KILL_POINTS = {
     # the checkpoint lock is taken right before the checkpoint write: killed before taking it ...
     "run-record|checkpoint": (
         "after load + run record, before the checkpoint write",
-        "call:prefect.concurrency.sync.concurrency",
+        "call:flows.weekly.global_lock",
         "skips",
     ),
     # ... and inside it: the re-run waits for the dead holder's lease (60 s, the server's minimum) to expire. (A kill
