@@ -360,7 +360,7 @@ def weekly_reverse_etl(
                 _process_week_with_retries(rt, window, full_refresh=full_refresh, dry_run=effective_dry_run, log=log)
             )
         try:
-            summary.next_week_start = tracking.get_checkpoint(rt.engine, pipeline)
+            summary.next_week_start = tracking.get_checkpoint(rt.engine, pipeline) or checkpoint
         except PipelineError as exc:  # the writes are queued; the summary just cannot show the value
             log.warning("could not read the checkpoint for the summary: %s", type(exc).__name__)
     summary_artifact(summary)
