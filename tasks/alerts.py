@@ -30,7 +30,7 @@ from sqlalchemy import Engine, text
 from tasks.errors import AlertDeliveryError, redact_url
 
 Logger = logging.Logger | logging.LoggerAdapter
-_URL = re.compile(r"[a-zA-Z][a-zA-Z0-9+.-]*://[^\s'\"<>]+")
+_URL = re.compile(r"[a-zA-Z][a-zA-Z0-9+.-]*://[^\s'\"<>()]+")
 _KV_SECRET = re.compile(r"(?i)\b(password|passwd|pwd|secret|token|api[_-]?key)\s*[=:]\s*[^\s,;&'\"]+")
 
 

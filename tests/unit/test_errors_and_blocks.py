@@ -83,3 +83,7 @@ def test_salesforce_block_needs_fields_for_mode():
         SalesforceCredentials(auth_mode="password", password="x")
     with pytest.raises(ValidationError, match="session_id"):
         SalesforceCredentials(auth_mode="session", instance_url="https://x.my.salesforce.com")
+
+
+def test_redact_text_leaves_a_closing_parenthesis_alone():
+    assert redact_text("HTTP 401 (url=http://h/x?page=1&token=abc)") == "HTTP 401 (url=http://h/x?page=1&token=***)"
