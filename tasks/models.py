@@ -46,6 +46,21 @@ class Window(BaseModel):
         return self.start.isoformat()
 
 
+class ValidatedPart(BaseModel):
+    """The contract check of ONE raw part, done while the extract was still fetching (see tasks.transform).
+
+    Valid only for the raw part it names (URL and SHA-256) and for the validation code it was made with
+    (``fingerprint``); the transform re-validates the raw part when either differs or a file is missing.
+    """
+
+    raw_url: str = Field(description="fsspec URL of the raw part this validates.")
+    raw_sha256: str = Field(description="SHA-256 of that raw part when it was validated.")
+    raw_rows: int = Field(ge=0, description="Rows of the raw part (= valid rows + contract rejects).")
+    valid: FileRef = Field(description="Rows that passed the contract (normalized columns and an id hash).")
+    rejects: FileRef = Field(description="Rows that failed the contract, with field, reason and raw payload.")
+    fingerprint: str = Field(description="Hash of the validation code (tasks/contract.py + tasks/transform.py).")
+
+
 class ExtractResult(BaseModel):
     """What the extract stage produced: raw Parquet parts in the lake's raw zone."""
 
@@ -53,6 +68,10 @@ class ExtractResult(BaseModel):
     files: list[FileRef]
     pages: int
     rows: int
+    validated: list[ValidatedPart] = Field(
+        default_factory=list,
+        description="Contract checks of raw parts made as they landed (an optimization: may be partial or empty).",
+    )
 
 
 class TransformResult(BaseModel):

@@ -19,16 +19,22 @@ Validation is vectorized in Polars and applies exactly the rules of :class:`task
 4. The contract rules run as one Polars expression chain giving the first failing check (contract order);
    the human reason strings are built for the failing rows only.
 
-Then, in this order: window (local date of ``occurred_at`` in ``timezone`` within the window, else
-rejected), de-duplication by event id (latest ``occurred_at`` wins, ties -> highest ``_seq``; the others go to
-rejects as ``duplicates``), the currency rule (per customer-week the currency with most events wins, ties ->
-alphabetical; other currencies' events are rejected), then aggregation.
+Steps 1-4 depend on nothing but the raw part, so they can run early: the weekly flow's extract hands each raw
+part to a :class:`PartValidator` as soon as it is written, which checks it on the cores the fetching leaves idle
+and stores the result next to the week's staging files (:class:`tasks.models.ValidatedPart`, bound to the raw
+part's SHA-256 and to :func:`validation_fingerprint`). :func:`transform_week` then reuses those checks and only
+validates the raw parts that have none (or a stale one).
+
+Then, over the whole week and in this order: window (local date of ``occurred_at`` in ``timezone`` within the
+window, else rejected), de-duplication by event id (latest ``occurred_at`` wins, ties -> highest ``_seq``; the
+others go to rejects as ``duplicates``), the currency rule (per customer-week the currency with most events
+wins, ties -> alphabetical; other currencies' events are rejected), then aggregation.
 
 ``Total_Amount__c`` = sum(purchase + subscription_renewal amounts) - sum(refund amounts); summed exactly in
 integer micro-units (amount rounded to 6 decimals) and rounded to 2 decimals at the end, so the figure does not
 depend on row order. Valid rows of each chunk are spooled (without payload) to a local temporary Parquet
-file; the raw payloads of the week are never all in memory at once (the few payloads needed for duplicate and
-currency rejects are read back from the raw parts), and neither are the week's valid rows: de-duplication,
+file; the raw payloads of the week are never all in memory at once (the few payloads needed for window,
+duplicate and currency rejects are read back from the raw parts), and neither are the week's valid rows: de-duplication,
 the currency rule, the valid file (``sink_parquet`` to a local spool file, then one lake write) and the
 aggregation scan the spool files lazily, so memory stays flat in the week's size (the de-duplication keeps a
 64-bit id hash and ``_seq`` per row). Each chunk's rejects are spooled too (see :func:`_process_chunk`).
@@ -36,16 +42,20 @@ aggregation scan the spool files lazily, so memory stays flat in the week's size
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import io
 import logging
 import os
 import tempfile
+import threading
 import time
 from collections import deque
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import date
-from pathlib import Path
+from pathlib import Path, PurePosixPath
+from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import polars as pl
@@ -66,9 +76,16 @@ from tasks.contract import (
     json_type,
     parse_payload,
 )
-from tasks.errors import ConfigurationError, IntegrityError, LakeUnavailableError, RawPartError
-from tasks.lake import LakeFS
-from tasks.models import FileRef, TransformResult, Window
+from tasks.errors import (
+    ConfigurationError,
+    IntegrityError,
+    LakeUnavailableError,
+    RawPartError,
+    redact_text,
+    redact_url,
+)
+from tasks.lake import LakeFS, sha256_bytes
+from tasks.models import FileRef, TransformResult, ValidatedPart, Window
 
 RAW_SCHEMA: dict[str, pl.DataType] = {"_seq": pl.Int64(), "_page": pl.Int64(), "payload": pl.String()}
 TEXT_FIELDS = ("id", "customer_id", "event_type", "amount", "currency", "occurred_at", "metadata")
@@ -396,6 +413,45 @@ def _derive(frame: pl.DataFrame) -> pl.DataFrame:
     )
 
 
+def _rule_expr(checks: list[tuple[str, pl.Expr, pl.Expr]]) -> pl.Expr:
+    """Index of the first failing check (contract order) as a small integer; null when every check passes."""
+    rule: pl.Expr | None = None
+    for k, (_, condition, _) in enumerate(checks):
+        cond = condition.fill_null(False)
+        label = pl.lit(k, pl.Int16)
+        rule = pl.when(cond).then(label) if rule is None else rule.when(cond).then(label)  # type: ignore[union-attr]
+    assert rule is not None
+    return rule.otherwise(pl.lit(None, pl.Int16))
+
+
+_NORMALIZED = (
+    pl.col("_t_id").alias("id"),
+    pl.col("_t_customer_id").alias("customer_id"),
+    pl.col("_t_event_type").alias("event_type"),
+    pl.col("_amount").alias("amount"),
+    pl.col("_up_currency").alias("currency"),
+    pl.col("_utc").dt.replace_time_zone("UTC").alias("occurred_at"),
+)
+
+
+def _explain(failing: pl.DataFrame, checks: list[tuple[str, pl.Expr, pl.Expr]]) -> pl.DataFrame:
+    """Rows with a ``_rule`` -> the same rows with ``_field`` and the human ``_reason`` (string building runs on
+    the failing rows only)."""
+    reason: pl.Expr | None = None
+    for k, (_, _, text) in enumerate(checks):
+        hit = pl.col("_rule") == k
+        reason = pl.when(hit).then(text) if reason is None else reason.when(hit).then(text)  # type: ignore[union-attr]
+    assert reason is not None
+    field = pl.col("_rule").replace_strict(
+        list(range(len(checks))), [name for name, _, _ in checks], default=None, return_dtype=pl.String
+    )
+    return failing.with_columns(field.alias("_field"), reason.alias("_reason"))
+
+
+def _labelled(extracted: pl.DataFrame, checks: list[tuple[str, pl.Expr, pl.Expr]]) -> pl.DataFrame:
+    return _derive(extracted.lazy()).with_columns(_rule_expr(checks).alias("_rule")).collect()
+
+
 def validate_fields(extracted: pl.DataFrame) -> pl.DataFrame:
     """EXTRACT_SCHEMA -> same rows with ``_field``/``_reason`` (null when valid) and normalized VALID_SCHEMA columns.
 
@@ -403,36 +459,15 @@ def validate_fields(extracted: pl.DataFrame) -> pl.DataFrame:
     building) are only computed for the failing rows.
     """
     checks = _checks()
-    rule: pl.Expr | None = None
-    for k, (_, condition, _) in enumerate(checks):
-        cond = condition.fill_null(False)
-        label = pl.lit(k, pl.Int16)
-        rule = pl.when(cond).then(label) if rule is None else rule.when(cond).then(label)  # type: ignore[union-attr]
-    assert rule is not None
-    labelled = _derive(extracted).with_columns(rule.otherwise(pl.lit(None, pl.Int16)).alias("_rule"))
+    labelled = _labelled(extracted, checks)
     failing = labelled.get_column("_rule").is_not_null().arg_true()
+    fields = pl.repeat(None, labelled.height, dtype=pl.String, eager=True).alias("_field")
     reasons = pl.repeat(None, labelled.height, dtype=pl.String, eager=True).alias("_reason")
     if failing.len():
-        reason: pl.Expr | None = None
-        for k, (_, _, text) in enumerate(checks):
-            hit = pl.col("_rule") == k
-            reason = pl.when(hit).then(text) if reason is None else reason.when(hit).then(text)  # type: ignore[union-attr]
-        assert reason is not None
-        reasons.scatter(failing, labelled[failing].select(reason).to_series())
-    return labelled.with_columns(
-        pl.col("_rule")
-        .replace_strict(
-            list(range(len(checks))), [field for field, _, _ in checks], default=None, return_dtype=pl.String
-        )
-        .alias("_field"),
-        reasons,
-        pl.col("_t_id").alias("id"),
-        pl.col("_t_customer_id").alias("customer_id"),
-        pl.col("_t_event_type").alias("event_type"),
-        pl.col("_amount").alias("amount"),
-        pl.col("_up_currency").alias("currency"),
-        pl.col("_utc").dt.replace_time_zone("UTC").alias("occurred_at"),
-    )
+        explained = _explain(labelled[failing], checks)
+        fields.scatter(failing, explained.get_column("_field"))
+        reasons.scatter(failing, explained.get_column("_reason"))
+    return labelled.with_columns(fields, reasons, *_NORMALIZED)
 
 
 def _reject_rows(frame: pl.DataFrame, field: pl.Expr, reason: pl.Expr) -> pl.DataFrame:
@@ -470,33 +505,46 @@ def _read_raw(lake: LakeFS, url: str, seqs: pl.Series | None = None) -> pl.DataF
         raise RawPartError(url, f"raw part has wrong column types {dict(frame.schema)}") from exc
 
 
-def _window_check(frame: pl.DataFrame, window: Window, timezone: str) -> tuple[pl.DataFrame, pl.DataFrame]:
+def _window_split(scan: pl.LazyFrame, window: Window, timezone: str) -> tuple[pl.LazyFrame, pl.DataFrame]:
+    """(rows whose local date of ``occurred_at`` in ``timezone`` is in the window, the others' ``_seq``/``id``/day)."""
     local_day = pl.col("occurred_at").dt.convert_time_zone(timezone).dt.date()
     inside = local_day.is_between(pl.lit(window.start), pl.lit(window.end), closed="both")
-    flagged = frame.with_columns(inside.alias("_inside"), local_day.cast(pl.String).alias("_day"))
-    reason = pl.lit(
-        f"occurred_at is outside the batch window {window.start}..{window.end} ({timezone}), got "
-    ) + pl.col("_day")
-    outside = _reject_rows(flagged.filter(~pl.col("_inside")), pl.lit("occurred_at"), reason)
-    return flagged.filter(pl.col("_inside")).drop("_inside", "_day"), outside
+    outside = scan.filter(~inside).select("_seq", "id", local_day.cast(pl.String).alias("_day")).collect()
+    return (scan.filter(inside) if outside.height else scan), outside
 
 
-def _process_chunk(chunk: pl.DataFrame, window: Window, timezone: str, target: Path, reject_target: Path) -> None:
-    """Validate one chunk; spool its valid rows to ``target`` and its rejects (contract, then window) to
-    ``reject_target``.
+def validate_chunk(chunk: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """The contract check of raw rows: (valid rows in SPOOL_SCHEMA, rejects in REJECT_SCHEMA).
+
+    The window, the de-duplication and the currency rule are week-level rules applied by :func:`transform_week`.
+    The outputs may be views that pin the chunk's string buffers: write them out rather than hold many of them.
+    """
+    checks = _checks()
+    labelled = _labelled(extract_fields(chunk), checks)
+    failed = pl.col("_rule").is_not_null()
+    explained = _explain(labelled.filter(failed), checks)
+    rejects = _reject_rows(explained, pl.col("_field"), pl.col("_reason"))
+    # the id hash is computed here, per chunk, so the de-duplication reads 16 bytes per row back, not the ids
+    good = (
+        labelled.lazy()
+        .filter(~failed)
+        .select(*_NORMALIZED, "_seq", "_page", "metadata")
+        .select(*VALID_SCHEMA, pl.col("id").hash().alias("_hash"))
+        .collect()
+    )
+    return good, rejects
+
+
+def _process_chunk(chunk: pl.DataFrame, target: Path, reject_target: Path) -> None:
+    """Validate one chunk; spool its valid rows to ``target`` and its rejects to ``reject_target``.
 
     Rejects are spooled rather than returned: a filtered String column is a view that keeps the whole chunk's
     string buffers alive (payloads and all parsed fields), so holding each chunk's few rejects in memory made the
     transform's RSS grow by ~14 MB per 50,000-row chunk. Written to Parquet, only the rejected rows' bytes remain.
     """
-    checked = validate_fields(extract_fields(chunk))
-    bad = checked.filter(pl.col("_field").is_not_null())
-    rejects = _reject_rows(bad, pl.col("_field"), pl.col("_reason"))
-    good = checked.select(*VALID_SCHEMA, "payload", "_field").filter(pl.col("_field").is_null())
-    good, outside = _window_check(good, window, timezone)
-    # the id hash is computed here, per chunk, so the de-duplication reads 16 bytes per row back, not the ids
-    good.select(*VALID_SCHEMA, pl.col("id").hash().alias("_hash")).write_parquet(target, compression="lz4")
-    pl.concat([rejects, outside], how="vertical").write_parquet(reject_target, compression="lz4")
+    good, rejects = validate_chunk(chunk)
+    good.write_parquet(target, compression="lz4")
+    rejects.write_parquet(reject_target, compression="lz4")
 
 
 def _raw_rows(lake: LakeFS, urls: list[str], seqs: pl.Series) -> pl.DataFrame:
@@ -508,6 +556,136 @@ def _raw_rows(lake: LakeFS, urls: list[str], seqs: pl.Series) -> pl.DataFrame:
     return pl.concat(found)
 
 
+# --- validation while the extract runs ------------------------------------------------------------
+
+
+@functools.cache
+def validation_fingerprint() -> str:
+    """Hash of what decides a contract check's output: this module, the contract, and the Polars version (the
+    id hash of the de-duplication is Polars' own). A :class:`ValidatedPart` made with another one is ignored."""
+    digest = hashlib.sha256(pl.__version__.encode())
+    here = Path(__file__).resolve().parent
+    for name in ("contract.py", "transform.py"):
+        digest.update((here / name).read_bytes())
+    return digest.hexdigest()[:16]
+
+
+class PartValidator:
+    """Runs the contract check of each raw part while the extract is still fetching the next ones.
+
+    The extract calls :meth:`submit` with each raw part it has written (from its writer thread, see
+    ``tasks.extract.extract_window(on_part=...)``). The part is cut into ``CHUNK_ROWS`` chunks for a pool of
+    ``workers`` threads (Polars releases the GIL, so this runs on the cores the fetch leaves idle). A writer thread
+    then stores each part's results as two files, ``{prefix}/<part>.valid.parquet`` and ``.rejects.parquet``
+    (lz4). :meth:`finish` returns one :class:`ValidatedPart` per part whose files were stored; the transform stage
+    uses them instead of validating those raw parts again. This is only an optimization: a part whose files could
+    not be stored is left out with a warning, and the transform validates it from the raw part.
+
+    Memory: at most ``workers`` chunks are being validated; :meth:`submit` blocks beyond that, which slows the
+    extract down rather than letting results pile up. Use as a context manager (or call :meth:`close`): leaving
+    it stops the threads, cancelling what has not started.
+    """
+
+    def __init__(
+        self,
+        lake: LakeFS,
+        prefix: str,
+        *,
+        workers: int = WORKERS,
+        logger: logging.Logger | logging.LoggerAdapter | None = None,
+    ) -> None:
+        self.lake = lake
+        self.prefix = prefix.rstrip("/")
+        self.log = logger or _log
+        self.fingerprint = validation_fingerprint()
+        self._pool = ThreadPoolExecutor(workers, thread_name_prefix="validate")
+        self._writer = ThreadPoolExecutor(1, thread_name_prefix="validate-store")
+        self._slots = threading.Semaphore(workers)
+        self._parts: list[Future[ValidatedPart]] = []
+
+    def __enter__(self) -> PartValidator:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def submit(self, ref: FileRef, frame: pl.DataFrame) -> None:
+        """Validate the raw part ``ref`` whose rows are ``frame`` (RAW_SCHEMA); returns once its chunks are queued."""
+        chunks: list[Future[tuple[pl.DataFrame, pl.DataFrame]]] = []
+        for offset in range(0, frame.height, CHUNK_ROWS):
+            self._slots.acquire()
+            try:
+                future = self._pool.submit(validate_chunk, frame.slice(offset, CHUNK_ROWS))
+            except BaseException:
+                self._slots.release()
+                raise
+            future.add_done_callback(lambda _done: self._slots.release())
+            chunks.append(future)
+        self._parts.append(self._writer.submit(self._store, ref, chunks))
+
+    def _store(self, ref: FileRef, chunks: list[Future[tuple[pl.DataFrame, pl.DataFrame]]]) -> ValidatedPart:
+        results = [future.result() for future in chunks]
+        valid = pl.concat([good for good, _ in results]) if results else pl.DataFrame(schema=SPOOL_SCHEMA)
+        rejects = pl.concat([bad for _, bad in results]) if results else pl.DataFrame(schema=REJECT_SCHEMA)
+        stem = f"{self.prefix}/{PurePosixPath(ref.url).name.removesuffix('.parquet')}"
+        valid_ref = self.lake.write_parquet(valid, f"{stem}.valid.parquet", compression="lz4")
+        rejects_ref = self.lake.write_parquet(rejects, f"{stem}.rejects.parquet", compression="lz4")
+        return ValidatedPart(
+            raw_url=ref.url,
+            raw_sha256=ref.sha256,
+            raw_rows=ref.rows,
+            valid=valid_ref,
+            rejects=rejects_ref,
+            fingerprint=self.fingerprint,
+        )
+
+    def finish(self) -> list[ValidatedPart]:
+        """Wait for every submitted part; the ones stored, in submission order."""
+        done: list[ValidatedPart] = []
+        try:
+            for future in self._parts:
+                try:
+                    done.append(future.result())
+                except Exception as exc:  # noqa: BLE001 - an optimization failed; the transform redoes the part
+                    self.log.warning(
+                        "could not store the contract check of a raw part (%s: %s); the transform will validate "
+                        "that part itself",
+                        type(exc).__name__,
+                        redact_text(str(exc))[:300],
+                    )
+        finally:
+            self.close()
+        return done
+
+    def close(self) -> None:
+        """Stop the threads: chunks not started are cancelled, running ones finish (nothing is stored after)."""
+        self._pool.shutdown(wait=True, cancel_futures=True)
+        self._writer.shutdown(wait=True, cancel_futures=True)
+
+
+def _take_validated(lake: LakeFS, part: ValidatedPart, targets: tuple[Path, Path], log: Any) -> bool:
+    """Copy a ValidatedPart's two files into the spool; False (and nothing copied) when they are not usable."""
+    problem = None
+    if part.valid.rows + part.rejects.rows != part.raw_rows:
+        problem = f"row counts {part.valid.rows} + {part.rejects.rows} != raw part's {part.raw_rows}"
+    else:
+        try:
+            for ref, target in zip((part.valid, part.rejects), targets, strict=True):
+                data = lake.read_bytes(ref.url)
+                if sha256_bytes(data) != ref.sha256:
+                    problem = f"{redact_url(ref.url)} does not match its SHA-256"
+                    break
+                target.write_bytes(data)
+        except FileNotFoundError:
+            problem = "its files are gone"
+    if problem is None:
+        return True
+    for target in targets:
+        target.unlink(missing_ok=True)
+    log.warning("not using the contract check made during the extract for %s: %s", redact_url(part.raw_url), problem)
+    return False
+
+
 def transform_week(
     lake: LakeFS,
     raw_files: Sequence[FileRef] | Sequence[str],
@@ -515,16 +693,23 @@ def transform_week(
     out_prefix: str,
     *,
     timezone: str = "UTC",
+    validated: Sequence[ValidatedPart] = (),
     logger: logging.Logger | logging.LoggerAdapter | None = None,
 ) -> TransformResult:
-    """Validate, de-duplicate and aggregate one week of raw parts; write valid/rejects/metrics Parquet files."""
+    """Validate, de-duplicate and aggregate one week of raw parts; write valid/rejects/metrics Parquet files.
+
+    ``validated``: contract checks already made for some raw parts (:class:`PartValidator`, during the extract).
+    One is used when it names a raw part given here with the same SHA-256 and was made by the same validation
+    code; every other raw part is read and validated here.
+    """
     log = logger or _log
     try:
         ZoneInfo(timezone)
     except (ZoneInfoNotFoundError, ValueError) as exc:
         raise ConfigurationError("timezone", f"unknown IANA timezone {timezone!r}") from exc
     urls = [ref.url if isinstance(ref, FileRef) else str(ref) for ref in raw_files]
-    fetched = 0
+    checked = {part.raw_url: part for part in validated if part.fingerprint == validation_fingerprint()}
+    fetched = reused = 0
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="transform-") as spool_dir, ThreadPoolExecutor(WORKERS) as pool:
         spool = Path(spool_dir) / "valid"
@@ -532,30 +717,46 @@ def transform_week(
         spool.mkdir()
         reject_spool.mkdir()
         pending: deque[Future[None]] = deque()
-        for part_no, url in enumerate(urls):
+        for part_no, (ref, url) in enumerate(zip(raw_files, urls, strict=True)):
+            part = checked.get(url)
+            name = f"{part_no:06d}-{0:012d}.parquet"
+            if (
+                part is not None
+                and isinstance(ref, FileRef)
+                and part.raw_sha256 == ref.sha256
+                and _take_validated(lake, part, (spool / name, reject_spool / name), log)
+            ):
+                fetched += part.raw_rows
+                reused += 1
+                continue
             raw = _read_raw(lake, url)
             fetched += raw.height
             for offset in range(0, raw.height, CHUNK_ROWS):
                 name = f"{part_no:06d}-{offset:012d}.parquet"
                 chunk = raw.slice(offset, CHUNK_ROWS)
-                pending.append(pool.submit(_process_chunk, chunk, window, timezone, spool / name, reject_spool / name))
+                pending.append(pool.submit(_process_chunk, chunk, spool / name, reject_spool / name))
                 while len(pending) > MAX_PENDING:  # bounded memory: at most a few chunks in flight
                     pending.popleft().result()
             log.info("read raw part %d/%d (%d rows)", part_no + 1, len(urls), raw.height)
             del raw
         while pending:
             pending.popleft().result()
+        if reused:
+            log.info("used the contract check made during the extract for %d of %d raw parts", reused, len(urls))
         spooled = sorted(spool.glob("*.parquet"))
         reject_files = sorted(reject_spool.glob("*.parquet"))
         contract_rejects = [pl.read_parquet(reject_files, schema=REJECT_SCHEMA)] if reject_files else []
-        validated = time.perf_counter()
+        validated_at = time.perf_counter()
         # The valid rows stay in the spool files: every step below scans them lazily (Polars streams the
         # scans), so memory does not grow with the week beyond 16 bytes per row for the de-duplication keys.
         spool_scan = pl.scan_parquet(spooled, schema=SPOOL_SCHEMA) if spooled else pl.LazyFrame(schema=SPOOL_SCHEMA)
 
+        # Window: the local date of occurred_at (in the settings' timezone) must be in the batch week.
+        in_window, outside = _window_split(spool_scan, window, timezone)
+
         # De-duplicate: latest occurred_at wins, ties -> highest _seq (received last).
         # A 64-bit hash pre-filter keeps the exact string comparison to the (few) candidate rows.
-        keys = spool_scan.select("_seq", "_hash").collect()
+        keys = in_window.select("_seq", "_hash").collect()
         in_seq_order = keys.get_column("_seq").is_sorted()  # raw parts given in receive order (the usual case)
         # Repeated hashes by sorting (8 bytes a row, ~10 MB at 1M rows) rather than is_duplicated(), whose hash
         # table took ~100 MB at 1M rows and so made the transform's peak memory grow with the week.
@@ -564,12 +765,12 @@ def transform_week(
         repeated = hashes.filter(hashes == hashes.shift(1)).unique()
         del hashes
         candidates = (
-            spool_scan.filter(pl.col("_hash").is_in(repeated.implode())).select("_seq", "id", "occurred_at")
+            in_window.filter(pl.col("_hash").is_in(repeated.implode())).select("_seq", "id", "occurred_at")
         ).collect()
         superseded = (
             candidates.sort(["occurred_at", "_seq"]).filter(~pl.col("id").is_last_distinct()).select("_seq", "id")
         )
-        kept = spool_scan
+        kept = in_window
         if superseded.height:
             kept = kept.filter(~pl.col("_seq").is_in(superseded.get_column("_seq").implode()))
         del candidates
@@ -602,8 +803,14 @@ def transform_week(
         kept.sink_parquet(valid_file, compression="zstd")
         valid_rows = pl.scan_parquet(valid_file).select(pl.len()).collect().item()
 
-        wanted = pl.concat([superseded.get_column("_seq"), mixed.get_column("_seq")])
+        wanted = pl.concat([superseded.get_column("_seq"), mixed.get_column("_seq"), outside.get_column("_seq")])
         payloads = _raw_rows(lake, urls, wanted)
+        outside_rejects = _reject_rows(
+            payloads.join(outside, on="_seq", how="inner"),
+            pl.lit("occurred_at"),
+            pl.lit(f"occurred_at is outside the batch window {window.start}..{window.end} ({timezone}), got ")
+            + pl.col("_day"),
+        )
         dup_rejects = _reject_rows(
             payloads.join(superseded, on="_seq", how="inner"),
             pl.lit("id"),
@@ -617,7 +824,7 @@ def transform_week(
             + pl.lit(" (most events, ties alphabetical), got ")
             + pl.col("currency"),
         )
-        counted = pl.concat([*contract_rejects, currency_rejects], how="vertical")
+        counted = pl.concat([*contract_rejects, outside_rejects, currency_rejects], how="vertical")
         rejects = pl.concat([counted, dup_rejects]).sort("_seq")
         rejected, duplicates = counted.height, dup_rejects.height
         if fetched != valid_rows + rejected + duplicates:
@@ -650,8 +857,8 @@ def transform_week(
         rejected,
         duplicates,
         metrics.height,
-        validated - started,
-        ruled - validated,
+        validated_at - started,
+        ruled - validated_at,
         done - ruled,
     )
     return TransformResult(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from datetime import UTC, date, datetime, timedelta
 from email.utils import format_datetime
@@ -144,9 +145,9 @@ def test_streaming_writes_many_small_parts_and_buffers_at_most_pages_per_file(
     seen_heights: list[int] = []
     real_write = lake.write_parquet
 
-    def spy(frame, rel):
+    def spy(frame, rel, **kwargs):
         seen_heights.append(frame.height)
-        return real_write(frame, rel)
+        return real_write(frame, rel, **kwargs)
 
     monkeypatch.setattr(lake, "write_parquet", spy)
     result = _run(source, lake, fake_time, prefix="raw/w1/")
@@ -476,3 +477,41 @@ def test_unknown_pagination_is_a_configuration_error(make_source_api, lake):
     object.__setattr__(source, "pagination", "scroll")
     with pytest.raises(ConfigurationError, match="pagination"):
         extract_window(source, WEEK, lake, "raw")
+
+
+def test_on_part_sees_each_written_part_and_can_validate_it(source_api, make_source_api, lake, fake_time):
+    """The weekly flow's composition: each raw part is handed to a PartValidator right after it is written."""
+    from tasks.transform import PartValidator, transform_week
+
+    source_api.config.total = 700
+    source = make_source_api("cursor", page_size=100, pages_per_file=2)
+    seen: list[tuple[str, int, str]] = []
+
+    with PartValidator(lake, "staging/parts") as validator:
+
+        def on_part(ref, frame):
+            seen.append((ref.url, frame.height, ref.sha256))
+            assert frame.schema == pl.Schema(RAW_SCHEMA)
+            validator.submit(ref, frame)
+
+        result = _run(source, lake, fake_time, on_part=on_part)
+        result.validated = validator.finish()
+    assert [(f.url, f.rows, f.sha256) for f in result.files] == seen
+    assert [p.raw_url for p in result.validated] == [f.url for f in result.files]
+    assert sum(p.valid.rows + p.rejects.rows for p in result.validated) == result.rows == 700
+    reused = transform_week(lake, result.files, WEEK, "out-reused", validated=result.validated)
+    plain = transform_week(lake, result.files, WEEK, "out-plain")
+    assert (reused.valid.sha256, reused.rejects.sha256) == (plain.valid.sha256, plain.rejects.sha256)
+
+
+def test_an_extract_that_fails_stops_the_validator_cleanly(source_api, make_source_api, lake, fake_time):
+    from tasks.transform import PartValidator
+
+    source_api.config.total = 500
+    source_api.faults.fail_on_page, source_api.faults.fail_on_page_status = 3, 404
+    source = make_source_api("page_number", page_size=100, pages_per_file=1)
+    with PartValidator(lake, "staging/parts") as validator:
+        with pytest.raises(SourceResponseError, match="HTTP 404"):
+            _run(source, lake, fake_time, on_part=validator.submit)
+        assert len(validator._parts) == 3  # pages 0-2 were written and handed over before page 3 failed
+    assert not [t for t in threading.enumerate() if t.name.startswith(("validate", "extract-"))]

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import itertools
 import json
+import logging
 from datetime import UTC, date, datetime
 
 import polars as pl
@@ -14,7 +16,7 @@ from tasks.contract import validate_payload
 from tasks.errors import ConfigurationError, RawPartError
 from tasks.lake import LakeFS
 from tasks.models import Window
-from tasks.transform import METRICS_SCHEMA, REJECT_SCHEMA, VALID_SCHEMA, transform_week
+from tasks.transform import METRICS_SCHEMA, REJECT_SCHEMA, VALID_SCHEMA, PartValidator, transform_week
 
 WEEK = Window.for_week(date(2024, 1, 1))  # Monday 2024-01-01 .. Sunday 2024-01-07
 
@@ -54,8 +56,55 @@ def write_parts(lake, payloads, part_size=None):
     return refs
 
 
+class _Lines(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(record.getMessage())
+
+
+def captured_logger() -> tuple[logging.Logger, _Lines]:
+    logger = logging.getLogger(f"test-transform-{next(_LOGGERS)}")
+    logger.setLevel(logging.DEBUG)
+    logger.propagate = False
+    handler = _Lines()
+    logger.addHandler(handler)
+    return logger, handler
+
+
+_LOGGERS = itertools.count()
+_MODE = {"prevalidated": False}
+
+
+@pytest.fixture(autouse=True, params=["raw", "prevalidated"])
+def mode(request):
+    """Every test of this module runs twice: the transform validating the raw parts itself, and the transform
+    given the contract checks a PartValidator made of the same parts (what the weekly flow's extract does).
+    Both must give the same results."""
+    _MODE["prevalidated"] = request.param == "prevalidated"
+    yield request.param
+    _MODE["prevalidated"] = False
+
+
+def prevalidate(lake, refs, prefix):
+    with PartValidator(lake, prefix) as validator:
+        for ref in refs:
+            validator.submit(ref, lake.read_parquet(ref.url))
+        validated = validator.finish()
+    assert [part.raw_url for part in validated] == [ref.url for ref in refs]
+    return validated
+
+
 def run(lake, payloads, window=WEEK, tz="UTC", part_size=None, prefix="out"):
-    res = transform_week(lake, write_parts(lake, payloads, part_size), window, prefix, timezone=tz)
+    refs = write_parts(lake, payloads, part_size)
+    validated = prevalidate(lake, refs, f"{prefix}-parts") if _MODE["prevalidated"] else []
+    logger, lines = captured_logger()
+    res = transform_week(lake, refs, window, prefix, timezone=tz, validated=validated, logger=logger)
+    if validated:  # the checks were used, not silently redone
+        used = f"used the contract check made during the extract for {len(refs)} of {len(refs)} raw parts"
+        assert used in lines.lines
     return (
         res,
         lake.read_parquet(res.valid.url),
@@ -276,3 +325,75 @@ def test_metadata_is_kept_as_json_text(lake):
     texts = valid.sort("_seq").get_column("metadata").to_list()
     assert json.loads(texts[0]) == {"k": "v", "n": [1, 2.5, None]}
     assert texts[1:] == [None, None]
+
+
+MIXED = (
+    [ev(f"e{i}", customer=f"c_{i % 4}", amount=i, currency="usd" if i % 9 else "eur") for i in range(60)]
+    + [ev("e5", amount=99, at="2024-01-06T00:00:00Z"), ev("late", at="2024-01-08T00:00:01Z"), "{bad", "[]"]
+    + [ev("neg", amount=-1), ev(7), ev("naive", at="2024-01-03T10:00:00")]
+)
+
+
+def outputs(lake, res):
+    return {name: lake.read_parquet(getattr(res, name).url) for name in ("valid", "rejects", "metrics")}
+
+
+def test_validated_parts_give_byte_identical_files(lake, mode):
+    refs = write_parts(lake, MIXED, part_size=11)
+    plain = transform_week(lake, refs, WEEK, "plain", timezone="Europe/Berlin")
+    checked = prevalidate(lake, refs, "parts")
+    reused = transform_week(lake, refs, WEEK, "reused", timezone="Europe/Berlin", validated=checked)
+    counts = [(r.rejected, r.duplicates, r.valid.rows) for r in (plain, reused)]
+    assert counts[0] == counts[1]
+    assert plain.duplicates == 1 and plain.rejected >= 6  # the mix exercises every week-level rule
+    for name in ("valid", "rejects", "metrics"):
+        assert getattr(plain, name).sha256 == getattr(reused, name).sha256, name
+    assert plain.top_reject_reasons == reused.top_reject_reasons
+
+
+@pytest.mark.parametrize("damage", ["fingerprint", "raw_changed", "file_gone", "file_corrupt", "row_count"])
+def test_stale_or_damaged_validated_parts_are_not_used(lake, mode, damage):
+    refs = write_parts(lake, MIXED, part_size=25)
+    expected = transform_week(lake, refs, WEEK, "plain")
+    checked = prevalidate(lake, refs, "parts")
+    bad = checked[1]
+    if damage == "fingerprint":  # made by another version of the validation code
+        checked[1] = bad.model_copy(update={"fingerprint": "0" * 16})
+    elif damage == "raw_changed":  # the raw part was re-extracted since
+        checked[1] = bad.model_copy(update={"raw_sha256": "f" * 64})
+    elif damage == "file_gone":
+        lake.delete(bad.valid.url)
+    elif damage == "file_corrupt":
+        lake.write_bytes(bad.rejects.url, b"PAR1 not really")
+    else:
+        checked[1] = bad.model_copy(update={"raw_rows": bad.raw_rows + 1})
+    logger, lines = captured_logger()
+    res = transform_week(lake, refs, WEEK, "again", validated=checked, logger=logger)
+    for name in ("valid", "rejects", "metrics"):
+        assert getattr(res, name).sha256 == getattr(expected, name).sha256, name
+    assert res.fetched == len(MIXED)
+    assert "used the contract check made during the extract for 2 of 3 raw parts" in lines.lines
+    if damage in ("file_gone", "file_corrupt", "row_count"):
+        assert any(line.startswith("not using the contract check made during the extract") for line in lines.lines)
+
+
+def test_a_part_whose_check_cannot_be_stored_is_left_out(lake, mode, monkeypatch):
+    refs = write_parts(lake, MIXED, part_size=25)
+    real_write = lake.write_parquet
+
+    def flaky(frame, rel, **kwargs):
+        if "part-001" in rel:
+            raise OSError("disk full")
+        return real_write(frame, rel, **kwargs)
+
+    monkeypatch.setattr(lake, "write_parquet", flaky)
+    logger, lines = captured_logger()
+    with PartValidator(lake, "parts", logger=logger) as validator:
+        for ref in refs:
+            validator.submit(ref, lake.read_parquet(ref.url))
+        checked = validator.finish()
+    assert [part.raw_url for part in checked] == [refs[0].url, refs[2].url]
+    assert any("could not store the contract check of a raw part (OSError: disk full)" in line for line in lines.lines)
+    monkeypatch.setattr(lake, "write_parquet", real_write)
+    res = transform_week(lake, refs, WEEK, "out", validated=checked)
+    assert res.fetched == len(MIXED) == res.valid.rows + res.rejected + res.duplicates
