@@ -97,7 +97,11 @@ class _StageLogger:
     cache_expiration=CACHE_EXPIRATION,
     persist_result=True,
 )
-def extract(source: SourceApi, lake_block: Lake, window: Window, prefix: str) -> ExtractResult:
+def extract(
+    source: SourceApi, lake_block: Lake, window: Window, prefix: str, validated_prefix: str | None = None
+) -> ExtractResult:
+    """Raw parts under ``prefix``. With ``validated_prefix``, each part's contract check runs while the next
+    pages are fetched and is stored there (``ExtractResult.validated``), so the transform does not redo it."""
     log = _log(window, "extract")
     artifact_id = create_progress_artifact(
         0.0, key=f"extract-progress-{window.label}", description=f"Pages fetched for week {window.label}"
@@ -109,9 +113,15 @@ def extract(source: SourceApi, lake_block: Lake, window: Window, prefix: str) ->
             artifact_id, min(99.0, 100.0 * pages / (pages + 5)), description=f"{pages} pages, {rows} rows fetched"
         )
 
-    result = extract_mod.extract_window(
-        source, window, lake_of(lake_block), prefix, logger=log, on_progress=on_progress
-    )
+    lake = lake_of(lake_block)
+    if validated_prefix is None:
+        result = extract_mod.extract_window(source, window, lake, prefix, logger=log, on_progress=on_progress)
+    else:
+        with transform_mod.PartValidator(lake, validated_prefix, logger=log) as validator:
+            result = extract_mod.extract_window(
+                source, window, lake, prefix, logger=log, on_progress=on_progress, on_part=validator.submit
+            )
+            result.validated = validator.finish()
     update_progress_artifact(artifact_id, 100.0, description=f"{result.pages} pages, {result.rows} rows fetched")
     return result
 
@@ -130,7 +140,13 @@ def validate_and_transform(
 ) -> TransformResult:
     log = _log(window, "validate_and_transform")
     return transform_mod.transform_week(
-        lake_of(lake_block), extracted.files, window, out_prefix, timezone=timezone, logger=log
+        lake_of(lake_block),
+        extracted.files,
+        window,
+        out_prefix,
+        timezone=timezone,
+        validated=extracted.validated,
+        logger=log,
     )
 
 

@@ -189,7 +189,11 @@ def _process_week(
     try:
         tracking.start_stage(rt.engine, run_id, stage)
         extracted = stages.extract.with_options(refresh_cache=refresh_cache)(
-            rt.source, rt.lake_block, window, f"{RAW_ZONE}/week={window.label}"
+            rt.source,
+            rt.lake_block,
+            window,
+            f"{RAW_ZONE}/week={window.label}",
+            f"{STAGING_ZONE}/week={window.label}/parts",
         )
         stage_done(stage, 0, extracted.rows, f"{extracted.pages} pages, {len(extracted.files)} files")
 
