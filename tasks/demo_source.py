@@ -384,6 +384,8 @@ class DemoConfig:
     """none, api_key or bearer."""
     api_key_header: str = "X-API-Key"
     secret: str | None = None
+    latency_seconds: float = 0.0
+    """Every events answer waits this long first, like a remote API's round trip (benchmarks)."""
     faults: Faults = field(default_factory=Faults)
     stats: Stats = field(default_factory=Stats)
     _sources: dict = field(default_factory=dict, repr=False)
@@ -502,6 +504,8 @@ def create_app(config: DemoConfig | None = None) -> Starlette:
         stats.requests += 1
         stats.in_flight += 1
         try:
+            if cfg.latency_seconds > 0:
+                await asyncio.sleep(cfg.latency_seconds)
             response = await _events(request)
         finally:
             stats.in_flight -= 1
@@ -697,8 +701,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--prerender-limit", type=int, default=1000, help="page size of the pre-rendered pages (default 1000)"
     )
+    parser.add_argument(
+        "--latency-ms", type=float, default=0.0, help="wait this long before every events answer (default 0)"
+    )
     args = parser.parse_args(argv)
-    cfg = DemoConfig(total=args.total, seed=args.seed, pagination=args.pagination)
+    if args.latency_ms < 0:
+        parser.error("--latency-ms must be >= 0")
+    cfg = DemoConfig(
+        total=args.total, seed=args.seed, pagination=args.pagination, latency_seconds=args.latency_ms / 1000
+    )
     if args.prerender:
         try:
             first, _, last = args.prerender.partition(":")

@@ -39,3 +39,20 @@ def test_bench_weekly_quick_run_prints_the_table_and_counts_agree(tmp_path):
         assert r["peak_rss_mb"] >= r["base_rss_mb"] > 0
         assert r["rows_per_s"] > 0
     assert set(run["ratios"]) == {"b/a", "b/c"}
+
+
+def test_bench_weekly_in_sequence_variant_and_server_latency(tmp_path):
+    """(s) is (b) without the contract check overlapping the fetch: same rows, same counts; --latency-ms slows
+    the demo API down (a remote API's round trip), and the b/s ratio is printed."""
+    out = tmp_path / "bench.json"
+    cmd = [sys.executable, str(ROOT / "bench" / "weekly.py"), "--sizes", str(N), "--variants", "a,b,s"]
+    cmd += ["--latency-ms", "20", "--json", str(out)]
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert "latency 20 ms" in done.stdout and "b/s = " in done.stdout
+    report = json.loads(out.read_text())
+    (run,) = report["runs"]
+    results = run["results"]
+    assert results["b"]["counts"] == results["s"]["counts"]
+    assert results["a"]["seconds"] >= 0.02 * results["a"]["pages"]  # every page waited the latency
+    assert set(run["ratios"]) == {"b/a", "b/s"}

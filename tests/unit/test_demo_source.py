@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import time
 from datetime import date, datetime, timedelta
 from email.utils import parsedate_to_datetime
 from zoneinfo import ZoneInfo
@@ -272,3 +273,17 @@ def test_serve_stops_cleanly():
         assert httpx.get(f"{base}/health").json() == {"status": "ok"}
     with pytest.raises(httpx.ConnectError):
         httpx.get(f"{base}/health", timeout=1)
+
+
+def test_latency_delays_every_events_answer(source_api):
+    source_api.config.total = 10
+    with httpx.Client() as c:
+        started = time.perf_counter()
+        assert c.get(source_api.url("offset"), params={**PARAMS, "offset": 0, "limit": 5}).status_code == 200
+        quick = time.perf_counter() - started
+        source_api.config.latency_seconds = 0.3
+        started = time.perf_counter()
+        body = c.get(source_api.url("offset"), params={**PARAMS, "offset": 5, "limit": 5}).json()
+        slow = time.perf_counter() - started
+    assert len(body["data"]) == 5
+    assert slow >= 0.3 > quick  # a lower bound only: the machine may be slow, never fast
