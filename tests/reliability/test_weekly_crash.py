@@ -42,10 +42,16 @@ pytestmark = pytest.mark.reliability
 KILL_POINTS = {
     "before-extract": ("before extract (run recorded)", "stage:extract", "redoes"),
     "extract-paging": ("during extract paging (page k in flight)", "external:slow-page", "redoes"),
+    # the extract stores each raw part's contract check under staging/.../parts/ while it still fetches
+    "extract-check-store": (
+        "during the extract, storing a raw part's contract check",
+        f"open:*/staging/events/week={WEEK.isoformat()}/parts/.tmp-*",
+        "redoes",
+    ),
     "extract|transform": ("extract -> transform boundary", "stage:validate_and_transform", "resumes"),
     "transform-write": (
         "during the transform's Parquet write",
-        f"open:*/staging/events/week={WEEK.isoformat()}/*.tmp-*",
+        f"open:*/staging/events/week={WEEK.isoformat()}/.tmp-*",
         "resumes",
     ),
     "transform|load": ("transform -> load boundary", "stage:load", "resumes"),
