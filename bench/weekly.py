@@ -1,6 +1,7 @@
 """Weekly pipeline throughput: raw fetch vs. this library vs. dlt, on the same demo API data (not a timed test).
 
-    .venv/bin/python bench/weekly.py [--sizes 100000,1000000] [--quick] [--variants a,b,c] [--json out.json]
+    .venv/bin/python bench/weekly.py [--sizes 100000,1000000] [--quick] [--variants a,b,s,c] [--latency-ms MS]
+                                     [--json out.json]
 
 For each N the bundled demo events API (``tasks.demo_source``: deterministic synthetic events, ~2% invalid,
 ~0.2% re-sent ids) runs in ITS OWN PROCESS (``python -m tasks.demo_source --total N --pagination offset
@@ -12,18 +13,22 @@ Every variant then runs in its own child process against that same server, so ea
 
 (a) ``fetch``: raw fetch only, the ceiling: httpx GET of every 1,000-record page + ``orjson.loads``, records
     counted, nothing validated or written.
-(b) ``library``: this library's data path without Prefect: ``tasks.extract.extract_window`` (raw Parquet parts)
-    -> ``tasks.transform.transform_week`` (validate, reject, de-duplicate, aggregate; valid/rejects/metrics
-    Parquet) -> ``tasks.publish.publish_week`` (copy into the week's attempt folder + atomic manifest) on a local
-    ``file://`` lake. The source is passed as a plain attribute object with ``blocks.SourceApi``'s defaults
-    (``extract_window`` only reads attributes); importing the Prefect block would add ~13 s and ~80 MB of
-    import-time RSS that the data path itself does not need.
+(b) ``library``: this library's data path without Prefect, composed as ``flows/stages.py`` composes it:
+    ``tasks.extract.extract_window`` (raw Parquet parts, each handed to a ``tasks.transform.PartValidator`` that
+    runs its contract check while the next pages are fetched) -> ``tasks.transform.transform_week`` (validate,
+    reject, de-duplicate, aggregate; valid/rejects/metrics Parquet) -> ``tasks.publish.publish_week`` (copy into the
+    week's attempt folder + atomic manifest) on a local ``file://`` lake. The source is passed as a plain attribute
+    object with ``blocks.SourceApi``'s defaults (``extract_window`` only reads attributes); importing the Prefect
+    block would add ~13 s and ~80 MB of import-time RSS that the data path itself does not need.
+(s) ``library, stages in sequence``: (b) without the PartValidator; the transform validates every raw part
+    after the extract (what ``b/s`` compares: the gain of the overlap).
 (c) ``dlt``: dlt's ``rest_api`` source (the idiomatic dlt way to load a paginated REST API: an ``offset``
     paginator with ``total_path``, ``data_selector: data``) -> ``filesystem`` destination with
     ``loader_file_format="parquet"`` on a local folder, in a fresh pipelines dir (dlt's own extract ->
     normalize -> load; schema inference, nested ``metadata`` flattened, variant columns for mistyped values).
 
-All three page the same window with the offset style (``/events?start&end&offset&limit``, 1,000 per page).
+``--latency-ms`` makes the demo API wait before every page (a remote API's round trip; default 0).
+All variants page the same window with the offset style (``/events?start&end&offset&limit``, 1,000 per page).
 Timed: from the first request to the last file written (imports and setup excluded; import-time RSS is shown
 as ``base``). Output: per N a table (rows, seconds, rows/s, CPU seconds of the child, base/peak RSS), then the
 ratios b/a and b/c and the RSS growth of (b) between the smallest and the largest N, against the issue's
