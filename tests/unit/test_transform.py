@@ -397,3 +397,21 @@ def test_a_part_whose_check_cannot_be_stored_is_left_out(lake, mode, monkeypatch
     monkeypatch.setattr(lake, "write_parquet", real_write)
     res = transform_week(lake, refs, WEEK, "out", validated=checked)
     assert res.fetched == len(MIXED) == res.valid.rows + res.rejected + res.duplicates
+
+
+def test_fingerprint_follows_the_validation_code(monkeypatch, tmp_path):
+    import tasks.transform as transform
+
+    first = transform.validation_fingerprint()
+    assert len(first) == 16 and first == transform.validation_fingerprint()
+    transform.validation_fingerprint.cache_clear()
+    monkeypatch.setattr(transform, "__file__", str(tmp_path / "transform.py"))  # sources not installed
+    try:
+        without_sources = transform.validation_fingerprint()
+        assert without_sources != first and len(without_sources) == 16
+        (tmp_path / "contract.py").write_text("# another contract\n")
+        (tmp_path / "transform.py").write_text("# another transform\n")
+        transform.validation_fingerprint.cache_clear()
+        assert transform.validation_fingerprint() not in (first, without_sources)
+    finally:
+        transform.validation_fingerprint.cache_clear()
