@@ -14,7 +14,7 @@ Every variant then runs in its own child process against that same server, so ea
 (a) ``fetch``: raw fetch only, the ceiling: httpx GET of every 1,000-record page + ``orjson.loads``, records
     counted, nothing validated or written.
 (b) ``library``: this library's data path without Prefect, composed as ``flows/stages.py`` composes it:
-    ``tasks.extract.extract_window`` (raw Parquet parts, each handed to a ``tasks.transform.PartValidator`` that
+    ``tasks.extract.extract_window`` (raw Parquet parts, each handed to a ``tasks.validation.PartValidator`` that
     runs its contract check while the next pages are fetched) -> ``tasks.transform.transform_week`` (validate,
     reject, de-duplicate, aggregate; valid/rejects/metrics Parquet) -> ``tasks.publish.publish_week`` (copy into the
     week's attempt folder + atomic manifest) on a local ``file://`` lake. The source is passed as a plain attribute
@@ -149,11 +149,11 @@ class BenchSource:
 
 
 def run_library(url: str, n: int, workdir: Path, *, overlap: bool = True) -> dict[str, Any]:
-    from tasks.extract import extract_window
     from tasks.lake import LakeFS
     from tasks.models import Window
     from tasks.publish import publish_week
-    from tasks.transform import PartValidator, transform_week
+    from tasks.transform import transform_week
+    from tasks.validation import extract_and_check
 
     base_url, _, endpoint = url.partition("/events")
     source = BenchSource(base_url=base_url, endpoint="/events" + endpoint)
@@ -163,14 +163,10 @@ def run_library(url: str, n: int, workdir: Path, *, overlap: bool = True) -> dic
     lake = LakeFS(lake_dir.as_uri())
     base = _rss_mb()
     t0, c0 = time.perf_counter(), time.process_time()
-    if overlap:  # as flows/stages.py composes them: parts are validated while the extract fetches the next pages
-        with PartValidator(lake, f"{STAGING_ZONE}/week={window.label}/parts") as validator:
-            extracted = extract_window(
-                source, window, lake, f"{RAW_ZONE}/week={window.label}", on_part=validator.submit
-            )
-            extracted.validated = validator.finish()
-    else:  # (s): the transform validates every raw part after the extract has finished
-        extracted = extract_window(source, window, lake, f"{RAW_ZONE}/week={window.label}")
+    # as flows/stages.py composes them: parts are validated while the extract fetches the next pages; (s) passes
+    # no checks prefix, so the transform validates every raw part after the extract has finished
+    checks = f"{STAGING_ZONE}/week={window.label}/parts" if overlap else None
+    extracted = extract_and_check(source, window, lake, f"{RAW_ZONE}/week={window.label}", checks)
     t1 = time.perf_counter()
     rss_extract = _rss_mb()
     transformed = transform_week(

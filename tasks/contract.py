@@ -1,7 +1,7 @@
 """THE event contract of the weekly reverse ETL: what one raw record must look like to count.
 
 ``EventRecord`` (pydantic v2) is the reference implementation and the oracle of the tests;
-``tasks.transform`` applies the very same rules vectorized in Polars. Change a rule here and there together.
+``tasks.validation`` applies the very same rules vectorized in Polars. Change a rule here and there together.
 
 Rules, in field order (the first failing field is the one reported):
 

@@ -620,7 +620,7 @@ def extract_window(
     pages being buffered, one part being written and the prefetched pages. ``on_progress(pages, rows)`` is
     called after each page (in the calling thread). ``on_part(ref, frame)`` is called with each raw part right after
     it is written, in the writer thread (the weekly flow validates parts there while the next pages are fetched,
-    see ``tasks.transform.PartValidator``); while it runs, the next part waits. ``sleep``/``clock`` are injectable
+    see ``tasks.validation.PartValidator``); while it runs, the next part waits. ``sleep``/``clock`` are injectable
     (tests); ``client``
     may be shared (the block's timeout and auth headers are applied per request); one is created and closed
     here when omitted.

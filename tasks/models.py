@@ -47,7 +47,7 @@ class Window(BaseModel):
 
 
 class ValidatedPart(BaseModel):
-    """The contract check of ONE raw part, done while the extract was still fetching (see tasks.transform).
+    """The contract check of ONE raw part, done while the extract was still fetching (see tasks.validation).
 
     Valid only for the raw part it names (URL and SHA-256) and for the validation code it was made with
     (``fingerprint``); the transform re-validates the raw part when either differs or a file is missing.
@@ -58,7 +58,7 @@ class ValidatedPart(BaseModel):
     raw_rows: int = Field(ge=0, description="Rows of the raw part (= valid rows + contract rejects).")
     valid: FileRef = Field(description="Rows that passed the contract (normalized columns and an id hash).")
     rejects: FileRef = Field(description="Rows that failed the contract, with field, reason and raw payload.")
-    fingerprint: str = Field(description="Hash of the validation code (tasks/contract.py + tasks/transform.py).")
+    fingerprint: str = Field(description="Hash of the validation code (tasks/contract.py + tasks/validation.py).")
 
 
 class ExtractResult(BaseModel):

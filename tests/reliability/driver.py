@@ -175,6 +175,7 @@ def _zygote() -> int:
     import tasks.extract  # noqa: F401
     import tasks.salesforce  # noqa: F401
     import tasks.transform  # noqa: F401
+    import tasks.validation  # noqa: F401
     import tests.support.fake_salesforce  # noqa: F401
 
     out = sys.stdout

@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tasks.contract import CURRENCIES, EVENT_TYPES, EventRecord, validate_payload
-from tasks.transform import extract_fields, validate_fields
+from tasks.validation import extract_fields, validate_fields
 
 GOOD = {
     "id": "evt_1",

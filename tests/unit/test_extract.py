@@ -482,7 +482,8 @@ def test_unknown_pagination_is_a_configuration_error(make_source_api, lake):
 
 def test_on_part_sees_each_written_part_and_can_validate_it(source_api, make_source_api, lake, fake_time):
     """The weekly flow's composition: each raw part is handed to a PartValidator right after it is written."""
-    from tasks.transform import PartValidator, transform_week
+    from tasks.transform import transform_week
+    from tasks.validation import PartValidator
 
     source_api.config.total = 700
     source = make_source_api("cursor", page_size=100, pages_per_file=2)
@@ -506,7 +507,7 @@ def test_on_part_sees_each_written_part_and_can_validate_it(source_api, make_sou
 
 
 def test_an_extract_that_fails_stops_the_validator_cleanly(source_api, make_source_api, lake, fake_time):
-    from tasks.transform import PartValidator
+    from tasks.validation import PartValidator
 
     source_api.config.total = 500
     source_api.faults.fail_on_page, source_api.faults.fail_on_page_status = 3, 404
@@ -516,3 +517,20 @@ def test_an_extract_that_fails_stops_the_validator_cleanly(source_api, make_sour
             _run(source, lake, fake_time, on_part=validator.submit)
         assert len(validator._parts) == 3  # pages 0-2 were written and handed over before page 3 failed
     assert not [t for t in threading.enumerate() if t.name.startswith(("validate", "extract-"))]
+
+
+@pytest.mark.parametrize("checks_prefix", [None, "staging/parts"])
+def test_extract_and_check_stores_a_check_per_raw_part_only_when_asked(
+    source_api, make_source_api, lake, fake_time, checks_prefix
+):
+    from tasks.validation import extract_and_check
+
+    source_api.config.total = 450
+    source = make_source_api("offset", page_size=100, pages_per_file=2)
+    result = extract_and_check(source, WEEK, lake, "raw/w", checks_prefix, sleep=fake_time.sleep, clock=fake_time.clock)
+    assert result.rows == 450 and len(result.files) == 3
+    if checks_prefix is None:
+        assert result.validated == [] and not lake.list("staging")
+    else:
+        assert [p.raw_sha256 for p in result.validated] == [f.sha256 for f in result.files]
+        assert all("/staging/parts/part-0000" in p.valid.url for p in result.validated)

@@ -16,7 +16,8 @@ from tasks.contract import validate_payload
 from tasks.errors import ConfigurationError, RawPartError
 from tasks.lake import LakeFS
 from tasks.models import Window
-from tasks.transform import METRICS_SCHEMA, REJECT_SCHEMA, VALID_SCHEMA, PartValidator, transform_week
+from tasks.transform import METRICS_SCHEMA, transform_week
+from tasks.validation import REJECT_SCHEMA, VALID_SCHEMA, PartValidator
 
 WEEK = Window.for_week(date(2024, 1, 1))  # Monday 2024-01-01 .. Sunday 2024-01-07
 
@@ -302,8 +303,10 @@ def test_every_record_ends_valid_or_rejected(tmp_path_factory, payloads, part_si
 
 def test_invalid_json_inside_a_large_chunk_is_isolated(lake, monkeypatch):
     import tasks.transform as transform
+    import tasks.validation as validation
 
-    monkeypatch.setattr(transform, "CHUNK_ROWS", 700)  # several chunks, validated on the thread pool
+    monkeypatch.setattr(transform, "CHUNK_ROWS", 700)
+    monkeypatch.setattr(validation, "CHUNK_ROWS", 700)  # several chunks, validated on the thread pool
     payloads = [ev(f"e{i}", customer=f"c{i % 5}") for i in range(2000)]
     broken = {3: "{bad", 650: '{"id": NaN}', 1999: ev("x")[:-1], 1200: '{"id":"e1200"} trailing'}
     for seq, text in broken.items():
@@ -400,17 +403,17 @@ def test_a_part_whose_check_cannot_be_stored_is_left_out(lake, mode, monkeypatch
 
 
 def test_fingerprint_follows_the_validation_code(monkeypatch, tmp_path):
-    import tasks.transform as transform
+    import tasks.validation as transform
 
     first = transform.validation_fingerprint()
     assert len(first) == 16 and first == transform.validation_fingerprint()
     transform.validation_fingerprint.cache_clear()
-    monkeypatch.setattr(transform, "__file__", str(tmp_path / "transform.py"))  # sources not installed
+    monkeypatch.setattr(transform, "__file__", str(tmp_path / "validation.py"))  # sources not installed
     try:
         without_sources = transform.validation_fingerprint()
         assert without_sources != first and len(without_sources) == 16
         (tmp_path / "contract.py").write_text("# another contract\n")
-        (tmp_path / "transform.py").write_text("# another transform\n")
+        (tmp_path / "validation.py").write_text("# another validation\n")
         transform.validation_fingerprint.cache_clear()
         assert transform.validation_fingerprint() not in (first, without_sources)
     finally:
