@@ -53,9 +53,7 @@ class ValidatedPart(BaseModel):
     (``fingerprint``); the transform re-validates the raw part when either differs or a file is missing.
     """
 
-    raw_url: str = Field(description="fsspec URL of the raw part this validates.")
-    raw_sha256: str = Field(description="SHA-256 of that raw part when it was validated.")
-    raw_rows: int = Field(ge=0, description="Rows of the raw part (= valid rows + contract rejects).")
+    raw: FileRef = Field(description="The raw part this validates, as it was (URL, SHA-256, rows = valid + rejects).")
     valid: FileRef = Field(description="Rows that passed the contract (normalized columns and an id hash).")
     rejects: FileRef = Field(description="Rows that failed the contract, with field, reason and raw payload.")
     fingerprint: str = Field(description="Hash of the validation code (tasks/contract.py + tasks/validation.py).")

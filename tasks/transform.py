@@ -135,8 +135,8 @@ def _raw_rows(lake: LakeFS, urls: list[str], seqs: pl.Series) -> pl.DataFrame:
 def _take_validated(lake: LakeFS, part: ValidatedPart, targets: tuple[Path, Path], log: Any) -> bool:
     """Copy a ValidatedPart's two files into the spool; False (and nothing copied) when they are not usable."""
     problem = None
-    if part.valid.rows + part.rejects.rows != part.raw_rows:
-        problem = f"row counts {part.valid.rows} + {part.rejects.rows} != raw part's {part.raw_rows}"
+    if part.valid.rows + part.rejects.rows != part.raw.rows:
+        problem = f"row counts {part.valid.rows} + {part.rejects.rows} != raw part's {part.raw.rows}"
     else:
         try:
             for ref, target in zip((part.valid, part.rejects), targets, strict=True):
@@ -151,7 +151,7 @@ def _take_validated(lake: LakeFS, part: ValidatedPart, targets: tuple[Path, Path
         return True
     for target in targets:
         target.unlink(missing_ok=True)
-    log.warning("not using the contract check made during the extract for %s: %s", redact_url(part.raw_url), problem)
+    log.warning("not using the contract check made during the extract for %s: %s", redact_url(part.raw.url), problem)
     return False
 
 
@@ -177,7 +177,7 @@ def transform_week(
     except (ZoneInfoNotFoundError, ValueError) as exc:
         raise ConfigurationError("timezone", f"unknown IANA timezone {timezone!r}") from exc
     urls = [ref.url if isinstance(ref, FileRef) else str(ref) for ref in raw_files]
-    checked = {part.raw_url: part for part in validated if part.fingerprint == validation_fingerprint()}
+    checked = {part.raw.url: part for part in validated if part.fingerprint == validation_fingerprint()}
     fetched = reused = 0
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="transform-") as spool_dir, ThreadPoolExecutor(WORKERS) as pool:
@@ -192,10 +192,10 @@ def transform_week(
             if (
                 part is not None
                 and isinstance(ref, FileRef)
-                and part.raw_sha256 == ref.sha256
+                and part.raw.sha256 == ref.sha256
                 and _take_validated(lake, part, (spool / name, reject_spool / name), log)
             ):
-                fetched += part.raw_rows
+                fetched += part.raw.rows
                 reused += 1
                 continue
             raw = _read_raw(lake, url)

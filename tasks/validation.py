@@ -544,9 +544,7 @@ class PartValidator:
         valid_ref = self.lake.write_parquet(valid, f"{stem}.valid.parquet", compression="lz4")
         rejects_ref = self.lake.write_parquet(rejects, f"{stem}.rejects.parquet", compression="lz4")
         return ValidatedPart(
-            raw_url=ref.url,
-            raw_sha256=ref.sha256,
-            raw_rows=ref.rows,
+            raw=ref,
             valid=valid_ref,
             rejects=rejects_ref,
             fingerprint=self.fingerprint,

@@ -499,7 +499,7 @@ def test_on_part_sees_each_written_part_and_can_validate_it(source_api, make_sou
         result = _run(source, lake, fake_time, on_part=on_part)
         result.validated = validator.finish()
     assert [(f.url, f.rows, f.sha256) for f in result.files] == seen
-    assert [p.raw_url for p in result.validated] == [f.url for f in result.files]
+    assert [p.raw.url for p in result.validated] == [f.url for f in result.files]
     assert sum(p.valid.rows + p.rejects.rows for p in result.validated) == result.rows == 700
     reused = transform_week(lake, result.files, WEEK, "out-reused", validated=result.validated)
     plain = transform_week(lake, result.files, WEEK, "out-plain")
@@ -532,5 +532,5 @@ def test_extract_and_check_stores_a_check_per_raw_part_only_when_asked(
     if checks_prefix is None:
         assert result.validated == [] and not lake.list("staging")
     else:
-        assert [p.raw_sha256 for p in result.validated] == [f.sha256 for f in result.files]
+        assert [p.raw.sha256 for p in result.validated] == [f.sha256 for f in result.files]
         assert all("/staging/parts/part-0000" in p.valid.url for p in result.validated)

@@ -94,7 +94,7 @@ def prevalidate(lake, refs, prefix):
         for ref in refs:
             validator.submit(ref, lake.read_parquet(ref.url))
         validated = validator.finish()
-    assert [part.raw_url for part in validated] == [ref.url for ref in refs]
+    assert [part.raw.url for part in validated] == [ref.url for ref in refs]
     return validated
 
 
@@ -363,13 +363,13 @@ def test_stale_or_damaged_validated_parts_are_not_used(lake, mode, damage):
     if damage == "fingerprint":  # made by another version of the validation code
         checked[1] = bad.model_copy(update={"fingerprint": "0" * 16})
     elif damage == "raw_changed":  # the raw part was re-extracted since
-        checked[1] = bad.model_copy(update={"raw_sha256": "f" * 64})
+        checked[1] = bad.model_copy(update={"raw": bad.raw.model_copy(update={"sha256": "f" * 64})})
     elif damage == "file_gone":
         lake.delete(bad.valid.url)
     elif damage == "file_corrupt":
         lake.write_bytes(bad.rejects.url, b"PAR1 not really")
     else:
-        checked[1] = bad.model_copy(update={"raw_rows": bad.raw_rows + 1})
+        checked[1] = bad.model_copy(update={"raw": bad.raw.model_copy(update={"rows": bad.raw.rows + 1})})
     logger, lines = captured_logger()
     res = transform_week(lake, refs, WEEK, "again", validated=checked, logger=logger)
     for name in ("valid", "rejects", "metrics"):
@@ -395,7 +395,7 @@ def test_a_part_whose_check_cannot_be_stored_is_left_out(lake, mode, monkeypatch
         for ref in refs:
             validator.submit(ref, lake.read_parquet(ref.url))
         checked = validator.finish()
-    assert [part.raw_url for part in checked] == [refs[0].url, refs[2].url]
+    assert [part.raw.url for part in checked] == [refs[0].url, refs[2].url]
     assert any("could not store the contract check of a raw part (OSError: disk full)" in line for line in lines.lines)
     monkeypatch.setattr(lake, "write_parquet", real_write)
     res = transform_week(lake, refs, WEEK, "out", validated=checked)
