@@ -115,15 +115,19 @@ def test_quality_gate_failure_keeps_files_but_not_checkpoint_or_sync(
     assert f"quality-{WEEK.isoformat()}" in _artifact_keys()
 
 
-def test_failure_at_sync_reruns_without_fetching_again(weekly_env, make_source_api, source_api, routed_salesforce):
-    weekly_env.save(make_source_api("link_header"), blocks.SOURCE_BLOCK)
+def _run_failing_at_sync(weekly_env, source, routed_salesforce) -> None:
+    """Save the blocks with ``source``, make the first Salesforce job fail, and run WEEK: it fails at the sync."""
+    weekly_env.save(source, blocks.SOURCE_BLOCK)
     weekly_env.lake_block()
     weekly_env.settings()
     weekly_env.save(routed_salesforce.credentials("password"), blocks.SALESFORCE_BLOCK)
     routed_salesforce.fail_next_job("InvalidBatch : simulated failure")
-
     with pytest.raises(Exception, match="simulated failure"):
         weekly_reverse_etl(week=WEEK)
+
+
+def test_failure_at_sync_reruns_without_fetching_again(weekly_env, make_source_api, source_api, routed_salesforce):
+    _run_failing_at_sync(weekly_env, make_source_api("link_header"), routed_salesforce)
     fetched_requests = source_api.stats.requests
     assert fetched_requests > 0 and routed_salesforce.records() == {}
 
@@ -194,13 +198,7 @@ def test_seeded_variable_starts_an_empty_database_and_a_stale_checkpoint_warns(
 
 
 def test_changed_source_does_not_reuse_the_cached_extract(weekly_env, make_source_api, source_api, routed_salesforce):
-    weekly_env.save(make_source_api("page_number", page_size=100), blocks.SOURCE_BLOCK)
-    weekly_env.lake_block()
-    weekly_env.settings()
-    weekly_env.save(routed_salesforce.credentials("password"), blocks.SALESFORCE_BLOCK)
-    routed_salesforce.fail_next_job("InvalidBatch : simulated failure")
-    with pytest.raises(Exception, match="simulated failure"):
-        weekly_reverse_etl(week=WEEK)
+    _run_failing_at_sync(weekly_env, make_source_api("page_number", page_size=100), routed_salesforce)
     after_first = source_api.stats.requests
 
     # Same week, but the source block changed (another page size): the cache key changes, so it fetches again.
