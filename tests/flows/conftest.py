@@ -14,6 +14,7 @@ import sqlalchemy as sa
 import blocks
 from tasks import tracking
 from tasks.lake import LakeFS
+from tests.support.prefect_harness import delete_blocks
 
 WEEK = date(2024, 1, 1)  # a Monday well in the past
 
@@ -50,11 +51,7 @@ class WeeklyEnv:
     def cleanup(self) -> None:
         from prefect.variables import Variable
 
-        for cls, name in reversed(self.saved):
-            try:
-                cls.delete(name)
-            except Exception:  # noqa: BLE001 - best effort
-                pass
+        delete_blocks(self.saved)
         Variable.unset("weekly-checkpoint")
 
 

@@ -31,6 +31,7 @@ import httpx
 import pytest
 
 import blocks
+from tests.support.prefect_harness import delete_blocks
 
 REPO = Path(__file__).resolve().parents[2]
 DRIVER = Path(__file__).resolve().parent / "driver.py"
@@ -322,11 +323,7 @@ class Rig:
         from prefect.client.orchestration import get_client
         from prefect.variables import Variable
 
-        for cls, name in reversed(self.saved):
-            try:
-                cls.delete(name)
-            except Exception:  # noqa: BLE001 - best effort
-                pass
+        delete_blocks(self.saved)
         try:
             Variable.unset("weekly-checkpoint")
         except Exception:  # noqa: BLE001

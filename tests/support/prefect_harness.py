@@ -15,3 +15,12 @@ def prefect_harness() -> Iterator[None]:
     with prefect_test_harness(server_startup_timeout=60):
         with temporary_settings({PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
             yield
+
+
+def delete_blocks(saved: list[tuple[type, str]]) -> None:
+    """Delete the blocks a test saved, newest first; best effort (one already gone does not stop the rest)."""
+    for cls, name in reversed(saved):
+        try:
+            cls.delete(name)
+        except Exception:  # noqa: BLE001 - best effort
+            pass
