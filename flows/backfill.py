@@ -8,9 +8,10 @@ Two ways to fan out:
   deployment's workers, so the weeks run where the schedule runs. Its concurrency limit (1) still holds: runs
   beyond it wait in ``AwaitingConcurrencySlot``; ``max_concurrency`` bounds how many are queued at once.
 
-Weeks are submitted oldest first. The weekly flow's checkpoint only moves forward, so a failed week in the
-middle of a range is not retried by the schedule: the backfill fails naming those weeks (BackfillError), and a
-second backfill over just them repairs the gap (``full_refresh`` reprocesses weeks that did complete).
+Weeks are submitted oldest first. The weekly flow's checkpoint moves across committed weeks only, so a week that
+fails in the middle of a range holds it there: the backfill fails naming those weeks (BackfillError), and either
+the next scheduled run or a second backfill over just them repairs the gap (``full_refresh`` reprocesses weeks
+that did complete).
 """
 
 from __future__ import annotations

@@ -107,24 +107,24 @@ def _read_checkpoint(rt: WeeklyRuntime, log: Any) -> date | None:
     return db_value
 
 
-def _advance_checkpoint(rt: WeeklyRuntime, window: Window, run_id: str, log: Any) -> date | None:
+def _advance_checkpoint(
+    rt: WeeklyRuntime, window: Window, run_id: str, log: Any, baseline: date | None = None
+) -> date | None:
     """DB first (the source of truth), then the Variable mirror, under a global lock (Variables have no
-    compare-and-set). When the database is unavailable after the data landed, the write is queued in the
-    lake and replayed at the start of the next run; the Variable is then left alone (never ahead of the DB)."""
-    next_week = window.end + timedelta(days=1)
+    compare-and-set). The checkpoint moves across committed weeks only (``tracking.checkpoint_after_week``): a week
+    committed ahead of it leaves it where it is. ``baseline``: the checkpoint this run started from, for a database
+    that has none yet. When the database is unavailable after the data landed, the write is queued in the lake and
+    replayed at the start of the next run; the Variable is then left alone (never ahead of the DB)."""
     pipeline = rt.settings.pipeline_name
+    args: dict[str, Any] = {"pipeline": pipeline, "week_start": window.start.isoformat(), "run_id": run_id}
+    if baseline is not None:
+        args["baseline"] = baseline.isoformat()
     with global_lock(CHECKPOINT_LOCK):
-        applied = pending.apply_or_queue(
-            rt.engine,
-            rt.lake,
-            pipeline,
-            "advance_checkpoint",
-            {"pipeline": pipeline, "next_week_start": next_week.isoformat(), "run_id": run_id},
-        )
+        applied = pending.apply_or_queue(rt.engine, rt.lake, pipeline, "checkpoint_after_week", args, logger=log)
         if not applied:
             log.error("checkpoint write failed: database unavailable; queued for replay at the next run")
             return None
-        stored = tracking.get_checkpoint(rt.engine, pipeline) or next_week
+        stored = tracking.get_checkpoint(rt.engine, pipeline) or window.end + timedelta(days=1)
         _mirror_checkpoint(rt.settings.checkpoint_variable, stored, run_id)
     return stored
 
@@ -142,7 +142,14 @@ def _damaged_files(rt: WeeklyRuntime, window: Window) -> list[str]:
 
 
 def _process_week(
-    rt: WeeklyRuntime, window: Window, *, full_refresh: bool, refresh_cache: bool, dry_run: bool, log: Any
+    rt: WeeklyRuntime,
+    window: Window,
+    *,
+    full_refresh: bool,
+    refresh_cache: bool,
+    dry_run: bool,
+    log: Any,
+    baseline: date | None = None,
 ) -> WeekOutcome:
     pipeline = rt.settings.pipeline_name
     flow_run_id = _flow_run_id()
@@ -158,8 +165,8 @@ def _process_week(
                 "week %s already committed by run %s and intact in the lake; skipping", window.label, existing.run_id
             )
             # A crash between the run record and the checkpoint write leaves the checkpoint behind a committed
-            # week; moving it now (monotonic: never backwards) keeps the schedule from stalling on that week.
-            _advance_checkpoint(rt, window, existing.run_id, log)
+            # week; moving it now (across committed weeks only) keeps the schedule from stalling on that week.
+            _advance_checkpoint(rt, window, existing.run_id, log, baseline)
             return WeekOutcome(
                 week_start=window.start,
                 run_id=existing.run_id,
@@ -273,12 +280,12 @@ def _process_week(
     finish = {"run_id": run_id, "status": outcome.status, "counts": run_counts(outcome), "supersede": replace_existing}
     if not pending.apply_or_queue(rt.engine, rt.lake, pipeline, "finish_run", finish):
         log.error("run record write failed: database unavailable; queued for replay")
-    _advance_checkpoint(rt, window, run_id, log)
+    _advance_checkpoint(rt, window, run_id, log, baseline)
     return outcome
 
 
 def _process_week_with_retries(
-    rt: WeeklyRuntime, window: Window, *, full_refresh: bool, dry_run: bool, log: Any
+    rt: WeeklyRuntime, window: Window, *, full_refresh: bool, dry_run: bool, log: Any, baseline: date | None = None
 ) -> WeekOutcome:
     """Flow-level retries of one week: only for transient errors (the errors module decides), with exponential
     backoff. Stages whose results are cached are not redone: a retry resumes at the stage that failed."""
@@ -292,6 +299,7 @@ def _process_week_with_retries(
                 refresh_cache=full_refresh and attempt == 0,
                 dry_run=dry_run,
                 log=log,
+                baseline=baseline,
             )
         except Exception as exc:
             if attempt >= FLOW_RETRIES or not is_retryable(exc):
@@ -325,7 +333,8 @@ def weekly_reverse_etl(
     """Process the due batch weeks (or exactly ``week``, a Monday).
 
     Args:
-        week: Explicit week start (a Monday, ISO date). Overrides the checkpoint; the checkpoint only moves forward.
+        week: Explicit week start (a Monday, ISO date). Runs instead of the checkpoint's weeks; the
+            checkpoint moves past it only once every earlier week is committed.
         full_refresh: Re-fetch and re-transform even when cached results or a committed run exist.
         dry_run: Write the Salesforce CSV to the lake outbox instead of upserting. Default: dry run exactly
             when no Salesforce credentials block is saved.
@@ -361,7 +370,14 @@ def weekly_reverse_etl(
             log.info("nothing due: the next batch week %s has not ended yet", checkpoint)
         for window in windows:
             summary.weeks.append(
-                _process_week_with_retries(rt, window, full_refresh=full_refresh, dry_run=effective_dry_run, log=log)
+                _process_week_with_retries(
+                    rt,
+                    window,
+                    full_refresh=full_refresh,
+                    dry_run=effective_dry_run,
+                    log=log,
+                    baseline=checkpoint or rt.settings.first_week,
+                )
             )
         try:
             summary.next_week_start = tracking.get_checkpoint(rt.engine, pipeline) or checkpoint

@@ -1,10 +1,10 @@
 """The pending-write queue in the lake: tracking writes that could not reach the database, replayed later.
 
-When a tracking write (finish_run / finish_stage / advance_checkpoint of :mod:`tasks.tracking`) fails after the data
-was loaded, the caller stores the write as one JSON file under ``_pending/<pipeline>/`` in the lake
-(:func:`queue_pending` / :func:`apply_or_queue`); the next run calls :func:`replay_pending` first. The tracking
-write functions are idempotent, which is what lets :func:`replay_pending` re-apply a queued write that may already
-have landed.
+When a tracking write (finish_run / finish_stage / advance_checkpoint / checkpoint_after_week of
+:mod:`tasks.tracking`) fails after the data was loaded, the caller stores the write as one JSON file under
+``_pending/<pipeline>/`` in the lake (:func:`queue_pending` / :func:`apply_or_queue`); the next run calls
+:func:`replay_pending` first. The tracking write functions are idempotent, which is what lets
+:func:`replay_pending` re-apply a queued write that may already have landed.
 """
 
 from __future__ import annotations
@@ -95,6 +95,14 @@ def _advance_op(engine: Engine, pipeline: str, args: dict[str, Any], logger: Log
     return tracking.advance_checkpoint(engine, pipeline, logger=logger, **args)
 
 
+def _after_week_op(engine: Engine, pipeline: str, args: dict[str, Any], logger: Logger | None) -> date:
+    args = dict(args)
+    item_pipeline = args.pop("pipeline", pipeline)
+    if item_pipeline != pipeline:
+        raise TrackingError(f"pipeline: pending item is for {item_pipeline!r}, not {pipeline!r}")
+    return tracking.checkpoint_after_week(engine, pipeline, logger=logger, **args)
+
+
 _OPS: dict[str, tuple[Callable[..., Any], frozenset[str]]] = {
     "finish_run": (
         _finish_run_op,
@@ -105,6 +113,7 @@ _OPS: dict[str, tuple[Callable[..., Any], frozenset[str]]] = {
         frozenset({"run_id", "stage", "status", "rows_in", "rows_out", "detail", "now"}),
     ),
     "advance_checkpoint": (_advance_op, frozenset({"pipeline", "next_week_start", "run_id", "force", "now"})),
+    "checkpoint_after_week": (_after_week_op, frozenset({"pipeline", "week_start", "run_id", "baseline", "now"})),
 }
 PENDING_OPS = tuple(_OPS)
 

@@ -3,7 +3,9 @@
 Tables (created idempotently by :func:`ensure_schema`, SQLAlchemy Core, portable across SQLite, PostgreSQL and
 SQL Server / Azure SQL):
 
-* ``pipeline_checkpoint``: one row per pipeline, the next batch week to process (source of truth).
+* ``pipeline_checkpoint``: one row per pipeline, the next batch week to process (source of truth): the first
+  week not committed yet. :func:`checkpoint_after_week` moves it across committed weeks only, in order;
+  :func:`advance_checkpoint` is the plain monotonic upsert underneath (and ``force`` for an operator).
 * ``pipeline_run``: one row per attempt at a week. A filtered unique index on ``(pipeline, week_start)``
   ``WHERE status IN ('SUCCESS','SUCCESS_WITH_REJECTS')`` forbids a second successful run of the same week.
 * ``pipeline_stage``: one row per (run, stage).
@@ -23,7 +25,7 @@ import re
 import uuid
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
-from datetime import UTC, date, datetime
+from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
 import sqlalchemy as sa
@@ -696,6 +698,69 @@ def advance_checkpoint(
             pipeline,
             stored.isoformat(),
             week.isoformat(),
+        )
+    return stored
+
+
+def checkpoint_after_week(
+    engine: Engine,
+    pipeline: str,
+    week_start: date,
+    run_id: str | None = None,
+    *,
+    baseline: date | None = None,
+    now: datetime | None = None,
+    logger: Logger | None = None,
+) -> date:
+    """Move the checkpoint after the week starting ``week_start`` was committed; return the checkpoint now stored.
+
+    The checkpoint is the first week not committed yet: every week before it has a successful run. So it moves
+    only across committed weeks, in order. A week committed ahead of it (an explicit ``week`` run, or a backfill
+    whose earlier week failed or is still running) leaves it where it is, with a warning; once the weeks before
+    that week are committed, the checkpoint rolls over it in the same write. A week at or behind the checkpoint
+    (a re-run) moves nothing, except across weeks committed meanwhile. The caller commits the week's run first
+    (``finish_run``); this reads the committed weeks in the same transaction as the upsert.
+
+    ``baseline``: where the checkpoint stands when the database has none yet (the Prefect Variable's value or the
+    ``first_week`` setting), so that a first week run ahead of it does not skip the weeks in between; with no
+    baseline either, the first committed week starts the checkpoint. Idempotent, so safe to replay.
+    """
+    log = logger or _LOG
+    _check_pipeline(pipeline)
+    week = _check_week(week_start, "week_start")
+    floor = None if baseline is None else _check_week(baseline, "baseline")
+    c = pipeline_checkpoint.c
+
+    def work(conn: Connection) -> date:
+        current = conn.execute(sa.select(c.next_week_start).where(c.pipeline == pipeline)).scalar_one_or_none()
+        start = _as_date(current) if current is not None else floor
+        target = week if start is None else start
+        committed = set(
+            map(
+                _as_date,
+                conn.execute(
+                    sa.select(pipeline_run.c.week_start)
+                    .where(pipeline_run.c.pipeline == pipeline, _success_only, pipeline_run.c.week_start >= target)
+                    .distinct()
+                ).scalars(),
+            )
+        )
+        while target in committed:
+            target += timedelta(days=7)
+        if current is None or target > _as_date(current):
+            values = {"pipeline": pipeline, "next_week_start": target, "updated_at": _now(now), "last_run_id": run_id}
+            conn.execute(checkpoint_upsert(conn.dialect, values))
+        stored = conn.execute(sa.select(c.next_week_start).where(c.pipeline == pipeline)).scalar_one()
+        return _as_date(stored)
+
+    stored = run_in_transaction(engine, "checkpoint_after_week", work, logger=logger)
+    if stored <= week:
+        log.warning(
+            "week %s is committed, but the checkpoint of %s stays at %s: that week is not committed yet, and the "
+            "checkpoint never moves past a week that is not (the next scheduled run processes it)",
+            week.isoformat(),
+            pipeline,
+            stored.isoformat(),
         )
     return stored
 

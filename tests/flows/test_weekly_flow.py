@@ -157,6 +157,33 @@ def test_catches_up_pending_weeks_in_order_on_embedded_defaults(weekly_env, make
     assert weekly_reverse_etl().weeks == []
 
 
+def test_a_week_run_ahead_does_not_skip_the_weeks_before_it(weekly_env, make_source_api, source_api, pg_url, caplog):
+    source_api.config.total = 200
+    last = last_complete_week(today_in("UTC"))
+    first = last - timedelta(days=14)
+    weekly_env.save(make_source_api("page_number"), blocks.SOURCE_BLOCK)
+    weekly_env.settings(first_week=first)
+    engine = weekly_env.database(pg_url)
+
+    # An explicit run of the newest week commits it, but the checkpoint stays at the first week not processed.
+    with caplog.at_level("WARNING"):
+        ahead = weekly_reverse_etl(week=last)
+    assert ahead.weeks[0].status.startswith("SUCCESS")
+    assert db_checkpoint(engine) == first and ahead.next_week_start == first
+    assert checkpoint_variable()["next_week_start"] == first.isoformat()
+    assert any("the checkpoint of weekly-customer-metrics stays at" in r.getMessage() for r in caplog.records)
+
+    # The scheduled run processes the two weeks in between, skips the committed one and ends past it.
+    summary = weekly_reverse_etl()
+    assert [(w.week_start, w.status[:7]) for w in summary.weeks] == [
+        (first, "SUCCESS"),
+        (first + timedelta(days=7), "SUCCESS"),
+        (last, "SKIPPED"),
+    ]
+    assert db_checkpoint(engine) == last + timedelta(days=7) == summary.next_week_start
+    assert len(list((weekly_env.tmp_path / "lake" / "salesforce").rglob("*.csv"))) == 3  # one per week, once
+
+
 def test_non_monday_week_is_refused_before_any_work(weekly_env, make_source_api, source_api):
     weekly_env.save(make_source_api("page_number"), blocks.SOURCE_BLOCK)
     with pytest.raises(ConfigurationError, match="Monday"):

@@ -115,7 +115,7 @@ def test_tracking_writes_lost_to_a_killed_connection_are_replayed_once(
         admin.execute(f'alter database "{pg_database}" allow_connections true')
         monkeypatch.setattr(pending, "apply_or_queue", real_apply)
     assert summary.weeks[0].status.startswith("SUCCESS")
-    assert len(pending.pending_items(weekly_env.lake, PIPELINE)) == 2  # finish_run + advance_checkpoint queued
+    assert len(pending.pending_items(weekly_env.lake, PIPELINE)) == 2  # finish_run + checkpoint_after_week queued
     [run] = tracking.runs(engine, PIPELINE)
     assert run.status == "RUNNING" and db_checkpoint(engine) is None
     assert checkpoint_variable() is None  # the mirror never runs ahead of the database

@@ -6,7 +6,7 @@ The product has no test hooks. The kill points are chosen here, from the outside
 * ``stage:<name>``: when the flow records the start of stage ``<name>`` (``tracking.start_stage``), i.e. at the
   boundary between the previous stage and this one.
 * ``op:<op>``: when the flow is about to apply the tracking write ``<op>`` (``finish_run`` /
-  ``advance_checkpoint``) through ``pending.apply_or_queue``.
+  ``checkpoint_after_week``) through ``pending.apply_or_queue``.
 * ``mirror``: after the checkpoint was written to the database, before the Prefect Variable mirror is set
   (inside the checkpoint lock).
 * ``rename:<glob>``: an ``os.replace``/``os.rename`` whose target matches ``<glob>`` (Python audit hook): the file

@@ -68,7 +68,7 @@ KILL_POINTS = {
         "skips",
     ),
     # ... and inside it: the re-run waits for the dead holder's lease (60 s, the server's minimum) to expire. (A kill
-    # at op:advance_checkpoint, also inside the lock, leaves the same state as the case above plus this wait.)
+    # at op:checkpoint_after_week, also inside the lock, leaves the same state as the case above plus this wait.)
     "checkpoint|variable": ("after the DB checkpoint, before the Variable mirror (in the lock)", "mirror", "skips"),
 }
 

@@ -218,6 +218,71 @@ def test_concurrent_advance_ends_at_the_max(engine: Engine) -> None:
     assert state.last_run_id == f"run-{weeks[-1]}"
 
 
+def _commit(engine: Engine, week: date, status: str = "SUCCESS") -> str:
+    run_id = tr.start_run(engine, P, week)
+    tr.finish_run(engine, run_id, status)
+    return run_id
+
+
+W5, W6 = W4 + timedelta(weeks=1), W4 + timedelta(weeks=2)
+
+
+def test_checkpoint_moves_across_committed_weeks_only(engine: Engine, caplog: pytest.LogCaptureFixture) -> None:
+    # the first committed week starts the checkpoint
+    assert tr.checkpoint_after_week(engine, P, W1, _commit(engine, W1), now=T0) == W2
+    # W4 committed ahead (an explicit week, or a backfill whose W2 failed): the checkpoint holds at W2, and says so
+    _commit(engine, W2, "FAILED")
+    w4 = _commit(engine, W4)
+    with caplog.at_level("WARNING", logger="tasks.tracking"):
+        assert tr.checkpoint_after_week(engine, P, W4, w4) == W2
+    assert "week 2026-11-23 is committed, but the checkpoint of weekly-test stays at 2026-11-09" in caplog.text
+    state = tr.checkpoint_state(engine, P)
+    assert (state.next_week_start, state.updated_at) == (W2, T0)  # nothing written while it holds
+    # W2 committed at last: the checkpoint moves to W3, the first week not committed
+    w2 = _commit(engine, W2)
+    assert tr.checkpoint_after_week(engine, P, W2, w2) == W3
+    # W3 committed: it rolls over W4 (committed earlier) to W5
+    w3 = _commit(engine, W3)
+    assert tr.checkpoint_after_week(engine, P, W3, w3) == W5
+    assert tr.checkpoint_state(engine, P).last_run_id == w3
+    # a re-run of an old week moves nothing (and the call is idempotent)
+    assert tr.checkpoint_after_week(engine, P, W1, "rerun") == W5
+    assert tr.checkpoint_after_week(engine, P, W3, w3) == W5
+    assert tr.checkpoint_state(engine, P).last_run_id == w3
+
+
+def test_checkpoint_after_week_rolls_over_weeks_committed_before_a_crash(engine: Engine) -> None:
+    """The skip path: W2 and W3 were committed but their checkpoint writes were lost; re-advancing W2 heals it."""
+    tr.advance_checkpoint(engine, P, W2, "r1")
+    _commit(engine, W2)
+    _commit(engine, W3)
+    assert tr.checkpoint_after_week(engine, P, W2, "skip") == W4
+
+
+def test_checkpoint_after_week_baseline_for_an_empty_database(engine: Engine) -> None:
+    # the Variable (or first_week) said W1: committing W3 first must not skip W1 and W2
+    assert tr.checkpoint_after_week(engine, P, W3, _commit(engine, W3), baseline=W1) == W1
+    assert tr.checkpoint_after_week(engine, P, W1, _commit(engine, W1)) == W2
+    # once the database has a checkpoint, a baseline changes nothing
+    assert tr.checkpoint_after_week(engine, P, W2, _commit(engine, W2), baseline=W6) == W4
+    with pytest.raises(TrackingError, match="baseline"):
+        tr.checkpoint_after_week(engine, P, W2, "x", baseline=date(2026, 11, 4))
+    with pytest.raises(TrackingError, match="week_start"):
+        tr.checkpoint_after_week(engine, P, date(2026, 11, 4), "x")
+
+
+def test_checkpoint_after_week_is_queued_and_replayed(engine: Engine, lake: LakeFS) -> None:
+    """The flow's op goes through the pending queue like the others; the replay applies the rule at replay time."""
+    w1 = _commit(engine, W1)
+    pending.queue_pending(lake, P, "checkpoint_after_week", {"pipeline": P, "week_start": W1, "run_id": w1})
+    pending.queue_pending(lake, P, "checkpoint_after_week", {"week_start": W3.isoformat(), "baseline": W1})
+    result = pending.replay_pending(engine, lake, P)
+    assert (result.applied, result.remaining, result.ok) == (2, 0, True)
+    assert tr.get_checkpoint(engine, P) == W2
+    pending.queue_pending(lake, P, "checkpoint_after_week", {"pipeline": "other", "week_start": W1})
+    assert "not 'weekly-test'" in (pending.replay_pending(engine, lake, P).error or "")
+
+
 def test_merge_form_of_the_upsert_runs_on_postgresql(pg_engine: Engine) -> None:
     """The MERGE text used for SQL Server, executed for real on PostgreSQL 15 (same semantics)."""
 
