@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[2]
 N = 2000
 
@@ -21,7 +23,7 @@ def test_bench_weekly_quick_run_prints_the_table_and_counts_agree(tmp_path):
     assert f"N = {N:,} events, pages of 1,000" in text
     for label in ("a fetch (httpx+orjson)", "b library extract->transform->load", "c dlt rest_api->parquet"):
         assert label in text
-    assert "b/a = " in text and "b/c = " in text
+    assert "b/a = " in text and "b/c = " in text and "so b/c >= 8 needs b/a >= " in text
     assert "rows agree across variants: yes" in text
 
     report = json.loads(out.read_text())
@@ -38,7 +40,9 @@ def test_bench_weekly_quick_run_prints_the_table_and_counts_agree(tmp_path):
     for r in results.values():
         assert r["peak_rss_mb"] >= r["base_rss_mb"] > 0
         assert r["rows_per_s"] > 0
-    assert set(run["ratios"]) == {"b/a", "b/c"}
+    ratios = run["ratios"]
+    assert set(ratios) == {"b/a", "b/c", "a/c"}
+    assert ratios["b/c"] == pytest.approx(ratios["b/a"] * ratios["a/c"])  # the identity the bench prints
 
 
 def test_bench_weekly_in_sequence_variant_and_server_latency(tmp_path):
