@@ -200,7 +200,7 @@ def _process_week(
             rt.lake_block,
             window,
             f"{RAW_ZONE}/week={window.label}",
-            f"{STAGING_ZONE}/week={window.label}/parts",
+            f"{STAGING_ZONE}/week={window.label}/parts" if rt.settings.check_during_extract else None,
         )
         stage_done(stage, 0, extracted.rows, f"{extracted.pages} pages, {len(extracted.files)} files")
 

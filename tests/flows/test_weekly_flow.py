@@ -184,6 +184,25 @@ def test_a_week_run_ahead_does_not_skip_the_weeks_before_it(weekly_env, make_sou
     assert len(list((weekly_env.tmp_path / "lake" / "salesforce").rglob("*.csv"))) == 3  # one per week, once
 
 
+@pytest.mark.parametrize("during_extract", [True, False])
+def test_contract_check_during_the_extract_is_a_setting(
+    weekly_env, make_source_api, source_api, caplog, during_extract
+):
+    source_api.config.total = 3000
+    weekly_env.save(make_source_api("offset", page_size=500, pages_per_file=2), blocks.SOURCE_BLOCK)
+    weekly_env.settings(check_during_extract=during_extract)
+    with caplog.at_level("INFO"):
+        [week] = weekly_reverse_etl(week=WEEK).weeks
+    assert week.status.startswith("SUCCESS") and week.valid + week.rejected + week.duplicates == week.fetched == 3000
+    parts = weekly_env.tmp_path / "lake" / "staging" / "events" / f"week={WEEK.isoformat()}" / "parts"
+    stored = sorted(p.name for p in parts.glob("*.parquet")) if parts.exists() else []
+    reused = [r.getMessage() for r in caplog.records if "made during the extract" in r.getMessage()]
+    if during_extract:  # 3 raw parts, each checked while fetching and reused by the transform
+        assert len(stored) == 6 and len(reused) == 1 and reused[0].endswith("during the extract for 3 of 3 raw parts")
+    else:
+        assert stored == [] and reused == []
+
+
 def test_non_monday_week_is_refused_before_any_work(weekly_env, make_source_api, source_api):
     weekly_env.save(make_source_api("page_number"), blocks.SOURCE_BLOCK)
     with pytest.raises(ConfigurationError, match="Monday"):
