@@ -7,7 +7,8 @@ Raw part schema (the contract with the transform stage)::
 
     _seq: Int64     0-based global receive order across the window
     _page: Int64    page number in fetch order, 0-based
-    payload: String the record re-serialized as compact JSON by orjson
+    payload: String the record's JSON text: exactly as received when the page is compact UTF-8 JSON (most APIs;
+                    split out by :func:`parse_page` without being parsed), else re-serialized compactly by orjson
 
 Failure policy, per HTTP request (tenacity, ``source.max_attempts`` attempts in all):
 
@@ -28,10 +29,15 @@ Failure policy, per HTTP request (tenacity, ``source.max_attempts`` attempts in 
 If the extract fails half way, the parts written so far stay in the lake but no :class:`ExtractResult` claims
 them; a rerun writes the same part names again (``part-00000`` ...) and returns only its own files.
 
-Known limits: orjson reads integers beyond 64 bits as floats, so such values are not byte-for-byte preserved
-in ``payload``. Page-number and offset paging stop at the first page shorter than ``page_size``: a server that
-silently caps the page size below ``page_size`` would end the extract early (configure ``page_size`` at or
-below the server's maximum).
+The records of a compact page are parsed once, by the contract check (``tasks.validation``), not here: the
+fetch thread only finds where each record starts and ends (msgspec), which keeps the GIL free for the rest of
+the pipeline. A record that is valid JSON but that a parser refuses (a number beyond the double range) is then
+rejected as that row, with the reason, instead of failing its page.
+
+Known limits: on the re-serialized path (pretty-printed pages, ``\\u`` escapes), orjson reads integers beyond 64
+bits as floats, so such values are not byte-for-byte preserved in ``payload``. Page-number and offset paging
+stop at the first page shorter than ``page_size``: a server that silently caps the page size below
+``page_size`` would end the extract early (configure ``page_size`` at or below the server's maximum).
 """
 
 from __future__ import annotations
@@ -49,6 +55,7 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import httpx
+import msgspec
 import orjson
 import polars as pl
 import tenacity
@@ -356,6 +363,49 @@ class Page(NamedTuple):
     records: list[Any]
     url: str
     """Redacted URL of the request that returned it."""
+    verbatim: bool = False
+    """True: ``records`` are each record's JSON text exactly as received (``msgspec.Raw``, bytes-like), not
+    parsed values (see :func:`parse_page`)."""
+
+
+_TOP_LEVEL = msgspec.json.Decoder(dict[str, msgspec.Raw])
+_RAW_LIST = msgspec.json.Decoder(list[msgspec.Raw])
+_NOT_VERBATIM = (b"\n", b"\r", b"\\u")
+
+
+def parse_page(content: bytes, records_key: str | None = None) -> tuple[Any, bool]:
+    """A page body -> (body, verbatim).
+
+    Without ``records_key``: the body parsed by orjson (``verbatim`` False). With it, when the body is a JSON
+    object holding that key with a list, and is compact UTF-8 (no line break and no ``\\u`` escape anywhere, like
+    most APIs' output): the records are split out WITHOUT being parsed, each one its exact text as received
+    (``msgspec.Raw``), and only the other keys are parsed (pagination needs them); ``verbatim`` True. So the
+    records are decoded once, by the contract check, and their text keeps every byte the source sent (number
+    formats, key order). Otherwise (pretty-printed pages, escapes, a missing key or a non-list: the caller's
+    errors name them) the whole body is parsed as without ``records_key``. Raises ``ValueError`` (orjson's or
+    msgspec's decode error, or ``UnicodeDecodeError``) for a body that is not valid JSON.
+    """
+    if records_key is not None and not any(marker in content for marker in _NOT_VERBATIM):
+        try:
+            top = _TOP_LEVEL.decode(content)
+        except msgspec.ValidationError:  # valid JSON, not an object: the parsed path reports it
+            top = None
+        except msgspec.DecodeError as exc:
+            raise ValueError(str(exc)) from None
+        raw = None if top is None else top.get(records_key)
+        if raw is not None:
+            try:
+                records = _RAW_LIST.decode(raw)
+            except msgspec.ValidationError:  # not a list: the parsed path reports it
+                records = None
+            if records is not None:
+                content.decode("utf-8")  # msgspec does not check the UTF-8 of the text it only skips
+                body = {
+                    key: records if key == records_key else orjson.loads(memoryview(value))
+                    for key, value in top.items()
+                }
+                return body, True
+    return orjson.loads(content), False
 
 
 def auth_headers(source: SourceApi) -> dict[str, str]:
@@ -404,8 +454,9 @@ class _Fetcher:
     limiter: RateLimiter
     sleep: Sleep
     log: logging.Logger | logging.LoggerAdapter
+    verbatim_key: str | None = None
 
-    def get(self, url: str, params: dict[str, Any] | None, page_no: int) -> tuple[httpx.Response, Any]:
+    def get(self, url: str, params: dict[str, Any] | None, page_no: int) -> tuple[httpx.Response, tuple[Any, bool]]:
         src = self.source
         retrying = tenacity.Retrying(
             stop=tenacity.stop_after_attempt(src.max_attempts),
@@ -445,7 +496,9 @@ class _Fetcher:
                 wait,
             )
 
-    def _attempt(self, url: str, params: dict[str, Any] | None, page_no: int) -> tuple[httpx.Response, Any]:
+    def _attempt(
+        self, url: str, params: dict[str, Any] | None, page_no: int
+    ) -> tuple[httpx.Response, tuple[Any, bool]]:
         target = httpx.URL(url)
         if params:  # merge, so a query already in the endpoint (e.g. ?api_version=2) is kept
             target = target.copy_merge_params(params)
@@ -469,10 +522,10 @@ class _Fetcher:
             )
         content = response.content
         try:
-            body = orjson.loads(content)
-        except orjson.JSONDecodeError as exc:
+            parsed = parse_page(content, self.verbatim_key)
+        except ValueError as exc:  # orjson.JSONDecodeError, msgspec's, UnicodeDecodeError
             raise _Malformed(str(request.url), len(content), str(exc)[:120]) from exc
-        return response, body
+        return response, parsed
 
 
 def fetch_pages(
@@ -483,8 +536,10 @@ def fetch_pages(
     logger: logging.Logger | logging.LoggerAdapter | None = None,
     sleep: Sleep = time.sleep,
     clock: Clock = time.monotonic,
+    verbatim: bool = False,
 ) -> Iterator[Page]:
-    """Yield every page of the window in order (records as parsed by orjson). Raises as the module doc says."""
+    """Yield every page of the window in order, records parsed by orjson or, with ``verbatim``, where
+    :func:`parse_page` can, as their exact text. Raises as the module doc says."""
     log = logger or logging.getLogger(__name__)
     fetcher = _Fetcher(
         source=source,
@@ -493,6 +548,7 @@ def fetch_pages(
         limiter=RateLimiter(source.rate_limit_per_second, clock=clock, sleep=sleep),
         sleep=sleep,
         log=log,
+        verbatim_key=source.records_key if verbatim else None,
     )
     paginator = make_paginator(source, window)
     request: Request | None = paginator.first()
@@ -500,12 +556,12 @@ def fetch_pages(
     while request is not None:
         url, params = request
         started = clock()
-        response, body = fetcher.get(url, params, page_no)
+        response, (body, exact) = fetcher.get(url, params, page_no)
         shown = redact_url(response.request.url)
         records = records_of(body, source.records_key, page_no, str(response.request.url))
         log.debug("page %d: %d records in %.0f ms from %s", page_no, len(records), (clock() - started) * 1e3, shown)
         request = paginator.next(response, body, records, page_no)
-        yield Page(page_no, records, shown)
+        yield Page(page_no, records, shown, exact)
         page_no += 1
 
 
@@ -599,6 +655,25 @@ def raw_frame(payloads: list[str], pages: list[int], first_seq: int) -> pl.DataF
     )
 
 
+_SEP = b"\x1e"  # cannot occur in JSON text (a control character: escaped inside strings, not whitespace)
+
+
+def raw_frame_of_pages(segments: list[bytes], page_ids: list[int], counts: list[int], first_seq: int) -> pl.DataFrame:
+    """One raw part's frame in :data:`RAW_SCHEMA` from per-page segments (each page's record texts joined by
+    ``\x1e``; pages with records only). The split runs in Polars, outside the GIL."""
+    total = sum(counts)
+    payload = pl.Series("payload", segments, dtype=pl.Binary).cast(pl.String).str.split("\x1e").explode()
+    if payload.len() != total:  # cannot happen with valid JSON; never write a misaligned part
+        raise SourceResponseError(f"raw part: {payload.len()} record texts split out of {total} records")
+    return pl.DataFrame(
+        {
+            "_seq": pl.int_range(first_seq, first_seq + total, dtype=pl.Int64, eager=True),
+            "_page": pl.Series(page_ids, dtype=pl.Int64).repeat_by(pl.Series(counts, dtype=pl.UInt32)).explode(),
+            "payload": payload,
+        }
+    )
+
+
 def extract_window(
     source: SourceApi,
     window: Window,
@@ -630,15 +705,16 @@ def extract_window(
     own_client = client is None
     http = client or httpx.Client(timeout=source.timeout_seconds, follow_redirects=False)
     files: list[FileRef] = []
-    payloads: list[str] = []
+    segments: list[bytes] = []
     page_ids: list[int] = []
+    counts: list[int] = []
     buffered_pages = 0
     pages = rows = 0
     written = 0  # rows already handed to the writer
     parts = 0  # parts handed to the writer
     started = time.perf_counter()
     dumps = orjson.dumps
-    decode = bytes.decode
+    join = _SEP.join
     # One part is encoded and written in the background (Parquet encoding releases the GIL) while the next
     # one fills; at most one write is in flight, so memory holds at most two parts' payloads.
     writer = ThreadPoolExecutor(1, thread_name_prefix="extract-write")
@@ -658,24 +734,26 @@ def extract_window(
             files.append(done.result())
 
     def flush() -> None:
-        nonlocal payloads, page_ids, buffered_pages, written, parts, in_flight
-        if payloads:
-            frame = raw_frame(payloads, page_ids, written)
+        nonlocal segments, page_ids, counts, buffered_pages, written, parts, in_flight
+        if segments:
+            frame = raw_frame_of_pages(segments, page_ids, counts, written)
             collect()
             in_flight = writer.submit(write_part, frame, f"{prefix}/part-{parts:05d}.parquet")
             written += frame.height
             parts += 1
-        payloads, page_ids, buffered_pages = [], [], 0
+        segments, page_ids, counts, buffered_pages = [], [], [], 0
 
     def make_pages(wait: Sleep) -> Iterator[Page]:
-        return fetch_pages(source, window, client=http, logger=log, sleep=wait, clock=clock)
+        return fetch_pages(source, window, client=http, logger=log, sleep=wait, clock=clock, verbatim=True)
 
     fetched = _prefetch(make_pages, sleep)
     try:
         for page in fetched:
             n = len(page.records)
-            payloads.extend(map(decode, map(dumps, page.records)))
-            page_ids.extend([page.index] * n)
+            if n:  # verbatim records are joined as received; parsed ones re-serialized compactly by orjson
+                segments.append(join(page.records if page.verbatim else map(dumps, page.records)))
+                page_ids.append(page.index)
+                counts.append(n)
             buffered_pages += 1
             pages += 1
             rows += n

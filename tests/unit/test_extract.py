@@ -33,6 +33,7 @@ from tasks.extract import (
     RetryAfterOrBackoff,
     extract_window,
     fetch_pages,
+    parse_page,
     parse_retry_after,
 )
 from tasks.lake import LakeFS
@@ -471,6 +472,80 @@ def test_mock_transport_non_object_page_and_client_reuse(make_source_api, fake_t
         assert not client.is_closed  # a caller's client is not closed by us
     assert calls[0].headers["X-API-Key"] == "k1"
     assert calls[0].url.params["limit"] == "100" and calls[0].url.params["offset"] == "0"
+
+
+# --- records kept verbatim: split out of the page without being parsed ----------------------------------------
+
+COMPACT = (
+    b'{"data":[{"id":"a","amount":1.50,"n":123456789012345678901234567890},'
+    b'{"id": "b" , "x":[1,{"y":"}{,\\"]"}]}],"meta":{"next":"t2"},"total":2}'
+)
+EXACT = [
+    b'{"id":"a","amount":1.50,"n":123456789012345678901234567890}',
+    b'{"id": "b" , "x":[1,{"y":"}{,\\"]"}]}',
+]
+
+
+def test_parse_page_splits_records_verbatim_and_parses_the_rest():
+    body, verbatim = parse_page(COMPACT, "data")
+    assert verbatim
+    assert [bytes(r) for r in body["data"]] == EXACT  # every byte as sent: 1.50, a 100-bit integer, the spacing
+    assert body["meta"] == {"next": "t2"} and body["total"] == 2  # what the paginators read is parsed
+    parsed, verbatim = parse_page(COMPACT)
+    assert not verbatim and parsed["data"][1]["x"][1]["y"] == '}{,"]'
+
+
+@pytest.mark.parametrize(
+    ("content", "key"),
+    [
+        (b'{\n  "data": [{"id": "a"}]\n}', "data"),  # pretty-printed: line breaks
+        (b'{"data":[{"id":"\\u00e9"}]}', "data"),  # an escape: the contract check's fast path wants UTF-8
+        (b'{"result":{"items":[{"id":"a"}]}}', "result.items"),  # a dotted records key
+        (b'{"data":{"id":"a"}}', "data"),  # not a list: the caller's error names it
+        (b'{"other":[]}', "data"),  # no records key: the caller lists the keys
+        (b'[{"id":"a"}]', "data"),  # not an object
+    ],
+)
+def test_parse_page_parses_whatever_it_cannot_split(content, key):
+    assert parse_page(content, key) == (orjson.loads(content), False)
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        b'{"data":[{"id":"a"},{"id":"b"',  # cut short
+        b'{"data":[{"id":"\xff"}]}',  # not UTF-8 inside a record (msgspec only skips it)
+        b'{"data":[{"id":"a\x01"}]}',  # a raw control character
+        b'{"data":[{"id":"a",}]}',  # trailing comma inside a record
+    ],
+)
+@pytest.mark.parametrize("key", ["data", None])
+def test_parse_page_refuses_invalid_json_either_way(content, key):
+    with pytest.raises(ValueError):
+        parse_page(content, key)
+
+
+def test_extract_keeps_compact_records_verbatim_and_reserializes_the_others(make_source_api, lake, fake_time):
+    pretty = orjson.dumps({"data": [{"id": "c", "amount": 2.0}, {"id": "d"}]}, option=orjson.OPT_INDENT_2)
+    escaped = b'{"data":[{"id":"\\u00e9"},{"id":"f"}]}'
+    bodies = {0: COMPACT, 2: pretty, 4: escaped}
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, content=bodies.get(int(request.url.params["offset"]), b'{"data":[]}'))
+
+    source = make_source_api("offset", base_url="http://api.test", page_size=2, pages_per_file=2)
+    with httpx.Client(transport=httpx.MockTransport(handler)) as client:
+        result = _run(source, lake, fake_time, client=client)
+    frame = _read_parts(lake, result)
+    assert frame["payload"].to_list() == [
+        *(r.decode() for r in EXACT),  # compact page: verbatim
+        '{"id":"c","amount":2.0}',  # pretty-printed page: orjson's compact text
+        '{"id":"d"}',
+        '{"id":"\u00e9"}',  # escaped page: orjson's text, with the character itself
+        '{"id":"f"}',
+    ]
+    assert frame["_seq"].to_list() == list(range(6)) and frame["_page"].to_list() == [0, 0, 1, 1, 2, 2]
+    assert (result.rows, result.pages, [f.rows for f in result.files]) == (6, 4, [4, 2])
 
 
 def test_unknown_pagination_is_a_configuration_error(make_source_api, lake):
