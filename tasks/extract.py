@@ -84,6 +84,7 @@ Sleep = Callable[[float], None]
 Clock = Callable[[], float]
 Progress = Callable[[int, int], None]
 PartHook = Callable[[FileRef, pl.DataFrame], None]
+FrameHook = Callable[[pl.DataFrame], None]
 RAW_COMPRESSION = "lz4"
 """Raw parts are read back once by the transform: lz4 encodes ~2x cheaper than zstd (the fetch thread's CPU is
 the extract's bottleneck) for ~25% more bytes."""
@@ -684,6 +685,7 @@ def extract_window(
     logger: logging.Logger | logging.LoggerAdapter | None = None,
     on_progress: Progress | None = None,
     on_part: PartHook | None = None,
+    on_frame: FrameHook | None = None,
     sleep: Sleep = time.sleep,
     clock: Clock = time.monotonic,
 ) -> ExtractResult:
@@ -693,12 +695,13 @@ def extract_window(
     encoded and written in a second background thread while the next one fills (at most one write in flight),
     so network waits, JSON work and Parquet encoding overlap. Memory holds at most ``source.pages_per_file``
     pages being buffered, one part being written and the prefetched pages. ``on_progress(pages, rows)`` is
-    called after each page (in the calling thread). ``on_part(ref, frame)`` is called with each raw part right after
-    it is written, in the writer thread (the weekly flow validates parts there while the next pages are fetched,
-    see ``tasks.validation.PartValidator``); while it runs, the next part waits. ``sleep``/``clock`` are injectable
-    (tests); ``client``
-    may be shared (the block's timeout and auth headers are applied per request); one is created and closed
-    here when omitted.
+    called after each page (in the calling thread). ``on_frame(frame)`` is called with each raw part's frame as
+    soon as it is built, in the calling thread, before the writer thread encodes and writes it: a consumer can
+    start on the rows before the write ends. ``on_part(ref, frame)`` is then called with the same frame object
+    right after the part is written, in the writer thread (the weekly flow checks the rows from ``on_frame`` on,
+    and binds the checks to the written part in ``on_part``, see ``tasks.validation.PartValidator``); while it
+    runs, the next part waits. ``sleep``/``clock`` are injectable (tests); ``client`` may be shared (the block's
+    timeout and auth headers are applied per request); one is created and closed here when omitted.
     """
     log = logger or logging.getLogger(__name__)
     prefix = prefix.rstrip("/")
@@ -738,6 +741,8 @@ def extract_window(
         if segments:
             frame = raw_frame_of_pages(segments, page_ids, counts, written)
             collect()
+            if on_frame is not None:  # before the write is handed over: on_part cannot overtake it
+                on_frame(frame)
             in_flight = writer.submit(write_part, frame, f"{prefix}/part-{parts:05d}.parquet")
             written += frame.height
             parts += 1

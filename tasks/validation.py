@@ -515,6 +515,7 @@ class PartValidator:
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="validate-store")
         self._slots = threading.Semaphore(workers)
         self._parts: list[Future[ValidatedPart]] = []
+        self._started: dict[int, tuple[pl.DataFrame, list[Future[tuple[pl.DataFrame, pl.DataFrame]]]]] = {}
 
     def __enter__(self) -> PartValidator:
         return self
@@ -522,8 +523,19 @@ class PartValidator:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    def start(self, frame: pl.DataFrame) -> None:
+        """Start checking a raw part's rows before the part is written (``extract_window(on_frame=...)``); the
+        :meth:`submit` of the same frame object then only binds the written part to these checks."""
+        self._started[id(frame)] = (frame, self._check(frame))  # the frame is kept: its id stays unique
+
     def submit(self, ref: FileRef, frame: pl.DataFrame) -> None:
-        """Validate the raw part ``ref`` whose rows are ``frame`` (RAW_SCHEMA); returns once its chunks are queued."""
+        """Validate the raw part ``ref`` whose rows are ``frame`` (RAW_SCHEMA), unless :meth:`start` already
+        did; returns once its chunks are queued."""
+        started = self._started.pop(id(frame), None)
+        chunks = started[1] if started is not None and started[0] is frame else self._check(frame)
+        self._parts.append(self._writer.submit(self._store, ref, chunks))
+
+    def _check(self, frame: pl.DataFrame) -> list[Future[tuple[pl.DataFrame, pl.DataFrame]]]:
         chunks: list[Future[tuple[pl.DataFrame, pl.DataFrame]]] = []
         for offset in range(0, frame.height, CHUNK_ROWS):
             self._slots.acquire()
@@ -534,7 +546,7 @@ class PartValidator:
                 raise
             future.add_done_callback(lambda _done: self._slots.release())
             chunks.append(future)
-        self._parts.append(self._writer.submit(self._store, ref, chunks))
+        return chunks
 
     def _store(self, ref: FileRef, chunks: list[Future[tuple[pl.DataFrame, pl.DataFrame]]]) -> ValidatedPart:
         results = [future.result() for future in chunks]
@@ -592,6 +604,15 @@ def extract_and_check(
     if checks_prefix is None:
         return extract_window(source, window, lake, prefix, logger=logger, **kwargs)
     with PartValidator(lake, checks_prefix, logger=logger) as validator:
-        result = extract_window(source, window, lake, prefix, logger=logger, on_part=validator.submit, **kwargs)
+        result = extract_window(
+            source,
+            window,
+            lake,
+            prefix,
+            logger=logger,
+            on_frame=validator.start,
+            on_part=validator.submit,
+            **kwargs,
+        )
         result.validated = validator.finish()
     return result

@@ -581,6 +581,39 @@ def test_on_part_sees_each_written_part_and_can_validate_it(source_api, make_sou
     assert (reused.valid.sha256, reused.rejects.sha256) == (plain.valid.sha256, plain.rejects.sha256)
 
 
+def test_on_frame_sees_each_part_before_on_part_and_the_validator_starts_early(
+    source_api, make_source_api, lake, fake_time
+):
+    """on_frame gets each part's frame (the same object on_part gets later, after the write); a PartValidator
+    started there gives the same stored checks as one that only sees on_part."""
+    from tasks.validation import PartValidator
+
+    source_api.config.total = 700
+    source = make_source_api("offset", page_size=100, pages_per_file=2)
+    events: list[tuple[str, int]] = []
+    stored = {}
+    for early in (True, False):
+        with PartValidator(lake, f"staging/parts-{early}") as validator:
+
+            def on_frame(frame, validator=validator, early=early):
+                events.append(("frame", id(frame)))
+                if early:
+                    validator.start(frame)
+
+            def on_part(ref, frame, validator=validator):
+                events.append(("part", id(frame)))
+                validator.submit(ref, frame)
+
+            result = _run(source, lake, fake_time, prefix=f"raw-{early}", on_frame=on_frame, on_part=on_part)
+            stored[early] = [(p.valid.sha256, p.rejects.sha256, p.raw.sha256) for p in validator.finish()]
+            assert validator._started == {}  # every started frame was bound to its written part
+        assert len(events) == 2 * len(result.files) == 8
+        for k in range(0, 8, 2):  # each frame is announced, then the same object comes back as written
+            assert events[k][0] == "frame" and events[k + 1] == ("part", events[k][1])
+        events.clear()
+    assert stored[True] == stored[False] and len(stored[True]) == 4
+
+
 def test_an_extract_that_fails_stops_the_validator_cleanly(source_api, make_source_api, lake, fake_time):
     from tasks.validation import PartValidator
 
