@@ -724,7 +724,7 @@ def extract_window(
     in_flight: Future[FileRef] | None = None
 
     def write_part(frame: pl.DataFrame, name: str) -> FileRef:
-        ref = lake.write_parquet(frame, name, compression=RAW_COMPRESSION)
+        ref = lake.write_parquet(frame, name, compression=RAW_COMPRESSION, statistics=False)
         log.debug("wrote raw part %s (%d rows)", redact_url(ref.url), ref.rows)
         if on_part is not None:
             on_part(ref, frame)

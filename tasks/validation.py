@@ -553,8 +553,8 @@ class PartValidator:
         valid = pl.concat([good for good, _ in results]) if results else pl.DataFrame(schema=SPOOL_SCHEMA)
         rejects = pl.concat([bad for _, bad in results]) if results else pl.DataFrame(schema=REJECT_SCHEMA)
         stem = f"{self.prefix}/{PurePosixPath(ref.url).name.removesuffix('.parquet')}"
-        valid_ref = self.lake.write_parquet(valid, f"{stem}.valid.parquet", compression="lz4")
-        rejects_ref = self.lake.write_parquet(rejects, f"{stem}.rejects.parquet", compression="lz4")
+        valid_ref = self.lake.write_parquet(valid, f"{stem}.valid.parquet", compression="lz4", statistics=False)
+        rejects_ref = self.lake.write_parquet(rejects, f"{stem}.rejects.parquet", compression="lz4", statistics=False)
         return ValidatedPart(
             raw=ref,
             valid=valid_ref,

@@ -87,6 +87,24 @@ def test_parquet_round_trip_with_verified_hash(lake: LakeFS) -> None:
         lake.read_bytes("raw/nope.parquet")
 
 
+def test_parquet_without_statistics_for_intermediate_files(lake: LakeFS) -> None:
+    import io
+
+    import pyarrow.parquet as pq
+
+    df = pl.DataFrame({"_seq": [1, 2], "payload": ['{"id":"a"}', '{"id":"b"}']})
+    with_stats = lake.write_parquet(df, "a.parquet")
+    without = lake.write_parquet(df, "b.parquet", compression="lz4", statistics=False)
+
+    def stats(ref: FileRef) -> list:
+        meta = pq.ParquetFile(io.BytesIO(lake.read_bytes(ref.url))).metadata.row_group(0)
+        return [meta.column(i).statistics for i in range(meta.num_columns)]
+
+    assert all(s is not None and s.has_min_max for s in stats(with_stats))
+    assert all(s is None or not s.has_min_max for s in stats(without))
+    assert lake.read_parquet(without.url).equals(df)
+
+
 def test_json_list_delete(lake: LakeFS) -> None:
     assert lake.read_json("state/checkpoint.json") is None
     assert lake.read_json("state/checkpoint.json", default={"x": 0}) == {"x": 0}
