@@ -87,20 +87,22 @@ def _finish_stage_op(engine: Engine, pipeline: str, args: dict[str, Any], logger
     return tracking.finish_stage(engine, logger=logger, **args)
 
 
-def _advance_op(engine: Engine, pipeline: str, args: dict[str, Any], logger: Logger | None) -> date:
-    args = dict(args)
-    item_pipeline = args.pop("pipeline", pipeline)
-    if item_pipeline != pipeline:
-        raise TrackingError(f"pipeline: pending item is for {item_pipeline!r}, not {pipeline!r}")
-    return tracking.advance_checkpoint(engine, pipeline, logger=logger, **args)
+def _checkpoint_op(name: str) -> Callable[[Engine, str, dict[str, Any], Logger | None], date]:
+    """The checkpoint write ``tracking.<name>`` replayed for ``pipeline`` (looked up at call time); an item queued
+    for another pipeline is refused."""
+
+    def op(engine: Engine, pipeline: str, args: dict[str, Any], logger: Logger | None) -> date:
+        args = dict(args)
+        item_pipeline = args.pop("pipeline", pipeline)
+        if item_pipeline != pipeline:
+            raise TrackingError(f"pipeline: pending item is for {item_pipeline!r}, not {pipeline!r}")
+        return getattr(tracking, name)(engine, pipeline, logger=logger, **args)
+
+    return op
 
 
-def _after_week_op(engine: Engine, pipeline: str, args: dict[str, Any], logger: Logger | None) -> date:
-    args = dict(args)
-    item_pipeline = args.pop("pipeline", pipeline)
-    if item_pipeline != pipeline:
-        raise TrackingError(f"pipeline: pending item is for {item_pipeline!r}, not {pipeline!r}")
-    return tracking.checkpoint_after_week(engine, pipeline, logger=logger, **args)
+_advance_op = _checkpoint_op("advance_checkpoint")
+_after_week_op = _checkpoint_op("checkpoint_after_week")
 
 
 _OPS: dict[str, tuple[Callable[..., Any], frozenset[str]]] = {
