@@ -287,3 +287,22 @@ def test_latency_delays_every_events_answer(source_api):
         slow = time.perf_counter() - started
     assert len(body["data"]) == 5
     assert slow >= 0.3 > quick  # a lower bound only: the machine may be slow, never fast
+
+
+def test_the_test_rig_reset_restores_every_setting(source_api):
+    """The shared source API's reset between tests covers every DemoConfig setting (a missed one leaks into every
+    later test: latency_seconds once added 0.3 s to each request of the tests after the latency test)."""
+    from dataclasses import fields
+
+    from tasks.demo_source import DemoConfig
+    from tests.support.source_api import DEFAULT_TOTAL
+
+    settings = [f.name for f in fields(DemoConfig) if not f.name.startswith("_") and f.name not in ("faults", "stats")]
+    assert {"latency_seconds", "total", "auth", "secret", "records_key"} <= set(settings)
+    for name in settings:  # a value no default has
+        setattr(source_api.config, name, object())
+    source_api.reset()
+    fresh = DemoConfig(total=DEFAULT_TOTAL)
+    assert {name: getattr(source_api.config, name) for name in settings} == {
+        name: getattr(fresh, name) for name in settings
+    }
