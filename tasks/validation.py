@@ -19,8 +19,8 @@ as the oracle on every record). How raw rows are checked (:func:`validate_chunk`
    the human reason strings are built for the failing rows only.
 
 The check depends on nothing but the raw part, so it can run early: the weekly flow's extract hands each raw
-part to a :class:`PartValidator` as soon as it is written (:func:`extract_and_check`), which checks it on the
-cores the fetching leaves idle and stores the result next to the week's staging files
+part to a :class:`PartValidator` as soon as its rows are buffered (:func:`extract_and_check`), which checks it
+on the cores the fetching leaves idle and stores the result next to the week's staging files
 (:class:`tasks.models.ValidatedPart`, bound to the raw part's SHA-256 and to :func:`validation_fingerprint`).
 ``tasks.transform.transform_week`` reuses those checks and validates only the raw parts that have none (or a
 stale one).
@@ -486,17 +486,19 @@ def _package_version() -> str:
 class PartValidator:
     """Runs the contract check of each raw part while the extract is still fetching the next ones.
 
-    The extract calls :meth:`submit` with each raw part it has written (from its writer thread, see
-    ``tasks.extract.extract_window(on_part=...)``). The part is cut into ``CHUNK_ROWS`` chunks for a pool of
-    ``workers`` threads (Polars releases the GIL, so this runs on the cores the fetch leaves idle). A writer thread
-    then stores each part's results as two files, ``{prefix}/<part>.valid.parquet`` and ``.rejects.parquet``
-    (lz4). :meth:`finish` returns one :class:`ValidatedPart` per part whose files were stored; the transform stage
-    uses them instead of validating those raw parts again. This is only an optimization: a part whose files could
-    not be stored is left out with a warning, and the transform validates it from the raw part.
+    The extract calls :meth:`start` with each raw part's rows as soon as they are buffered (``on_frame``),
+    then :meth:`submit` with the written part (from its writer thread, ``on_part``; see
+    ``tasks.extract.extract_window``); :meth:`submit` alone also works. The part is cut into ``CHUNK_ROWS``
+    chunks for a pool of ``workers`` threads (Polars releases the GIL, so this runs on the cores the fetch leaves
+    idle). A writer thread then stores each part's results as two files, ``{prefix}/<part>.valid.parquet`` and
+    ``.rejects.parquet`` (lz4). :meth:`finish` returns one :class:`ValidatedPart` per part whose files were
+    stored; the transform stage uses them instead of validating those raw parts again. This is only an
+    optimization: a part whose files could not be stored is left out with a warning, and the transform validates
+    it from the raw part.
 
-    Memory: at most ``workers`` chunks are being validated; :meth:`submit` blocks beyond that, which slows the
-    extract down rather than letting results pile up. Use as a context manager (or call :meth:`close`): leaving
-    it stops the threads, cancelling what has not started.
+    Memory: at most ``workers`` chunks are being validated; :meth:`start` and :meth:`submit` block beyond that,
+    which slows the extract down rather than letting results pile up. Use as a context manager (or call
+    :meth:`close`): leaving it stops the threads, cancelling what has not started.
     """
 
     def __init__(
