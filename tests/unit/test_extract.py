@@ -548,6 +548,30 @@ def test_extract_keeps_compact_records_verbatim_and_reserializes_the_others(make
     assert (result.rows, result.pages, [f.rows for f in result.files]) == (6, 4, [4, 2])
 
 
+def test_a_number_beyond_double_range_rejects_its_row_not_its_page(make_source_api, lake, fake_time):
+    """Valid JSON that orjson refuses (1e999) used to fail the whole page; kept verbatim, only that row is rejected."""
+    from tasks.validation import validate_chunk
+
+    good = (
+        b'{"id":"e1","customer_id":"c1","event_type":"purchase","amount":1.5,"currency":"USD",'
+        b'"occurred_at":"2024-01-02T00:00:00Z"}'
+    )
+    huge = good.replace(b'"e1"', b'"e2"').replace(b"1.5", b"1e999")
+    bodies = {0: b'{"data":[' + good + b"," + huge + b"]}"}
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, content=bodies.get(int(request.url.params["offset"]), b'{"data":[]}'))
+
+    source = make_source_api("offset", base_url="http://api.test", page_size=2)
+    with httpx.Client(transport=httpx.MockTransport(handler)) as client:
+        result = _run(source, lake, fake_time, client=client)
+    assert result.rows == 2
+    valid, rejects = validate_chunk(_read_parts(lake, result))
+    assert valid["id"].to_list() == ["e1"]
+    assert rejects.select("field", "payload").rows() == [("payload", huge.decode())]
+    assert rejects["reason"][0].startswith("payload is not valid JSON")
+
+
 def test_unknown_pagination_is_a_configuration_error(make_source_api, lake):
     source = make_source_api("offset")
     object.__setattr__(source, "pagination", "scroll")
