@@ -644,26 +644,14 @@ def _prefetch(
 # --- the stage ---------------------------------------------------------------------------------
 
 
-def raw_frame(payloads: list[str], pages: list[int], first_seq: int) -> pl.DataFrame:
-    """One raw part's frame in :data:`RAW_SCHEMA`."""
-    n = len(payloads)
-    return pl.DataFrame(
-        {
-            "_seq": pl.int_range(first_seq, first_seq + n, dtype=pl.Int64, eager=True),
-            "_page": pl.Series(pages, dtype=pl.Int64),
-            "payload": pl.Series(payloads, dtype=pl.String),
-        }
-    )
-
-
 _SEP = b"\x1e"  # cannot occur in JSON text (a control character: escaped inside strings, not whitespace)
 
 
 def raw_frame_of_pages(segments: list[bytes], page_ids: list[int], counts: list[int], first_seq: int) -> pl.DataFrame:
     """One raw part's frame in :data:`RAW_SCHEMA` from per-page segments (each page's record texts joined by
-    ``\x1e``; pages with records only). The split runs in Polars, outside the GIL."""
+    :data:`_SEP`; pages with records only). The split runs in Polars, outside the GIL."""
     total = sum(counts)
-    payload = pl.Series("payload", segments, dtype=pl.Binary).cast(pl.String).str.split("\x1e").explode()
+    payload = pl.Series("payload", segments, dtype=pl.Binary).cast(pl.String).str.split(_SEP.decode()).explode()
     if payload.len() != total:  # cannot happen with valid JSON; never write a misaligned part
         raise SourceResponseError(f"raw part: {payload.len()} record texts split out of {total} records")
     return pl.DataFrame(
@@ -803,7 +791,8 @@ __all__ = [
     "extract_window",
     "fetch_pages",
     "make_paginator",
+    "parse_page",
     "parse_retry_after",
-    "raw_frame",
+    "raw_frame_of_pages",
     "records_of",
 ]
