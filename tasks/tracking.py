@@ -664,6 +664,13 @@ def checkpoint_upsert(dialect: Dialect, values: Mapping[str, Any], *, force: boo
     return checkpoint_merge_sql(dialect, force=force).bindparams(**values)
 
 
+def _stored_week(conn: Connection, pipeline: str) -> date | None:
+    """The checkpoint row's next week, inside the caller's transaction; None when the pipeline has none."""
+    c = pipeline_checkpoint.c
+    value = conn.execute(sa.select(c.next_week_start).where(c.pipeline == pipeline)).scalar_one_or_none()
+    return None if value is None else _as_date(value)
+
+
 def advance_checkpoint(
     engine: Engine,
     pipeline: str,
@@ -686,10 +693,9 @@ def advance_checkpoint(
 
     def work(conn: Connection) -> date:
         conn.execute(checkpoint_upsert(conn.dialect, values, force=force))
-        stored = conn.execute(
-            sa.select(pipeline_checkpoint.c.next_week_start).where(pipeline_checkpoint.c.pipeline == pipeline)
-        ).scalar_one()
-        return _as_date(stored)
+        stored = _stored_week(conn, pipeline)
+        assert stored is not None  # upserted above
+        return stored
 
     stored = run_in_transaction(engine, "advance_checkpoint", work, logger=logger)
     if stored != week:
@@ -729,11 +735,10 @@ def checkpoint_after_week(
     _check_pipeline(pipeline)
     week = _check_week(week_start, "week_start")
     floor = None if baseline is None else _check_week(baseline, "baseline")
-    c = pipeline_checkpoint.c
 
     def work(conn: Connection) -> date:
-        current = conn.execute(sa.select(c.next_week_start).where(c.pipeline == pipeline)).scalar_one_or_none()
-        start = _as_date(current) if current is not None else floor
+        current = _stored_week(conn, pipeline)
+        start = current if current is not None else floor
         target = week if start is None else start
         committed = set(
             map(
@@ -747,11 +752,12 @@ def checkpoint_after_week(
         )
         while target in committed:
             target += timedelta(days=7)
-        if current is None or target > _as_date(current):
+        if current is None or target > current:
             values = {"pipeline": pipeline, "next_week_start": target, "updated_at": _now(now), "last_run_id": run_id}
             conn.execute(checkpoint_upsert(conn.dialect, values))
-        stored = conn.execute(sa.select(c.next_week_start).where(c.pipeline == pipeline)).scalar_one()
-        return _as_date(stored)
+        stored = _stored_week(conn, pipeline)
+        assert stored is not None  # upserted above
+        return stored
 
     stored = run_in_transaction(engine, "checkpoint_after_week", work, logger=logger)
     if stored <= week:
