@@ -141,14 +141,21 @@ def _translate(exc: BaseException, op: str, target: str) -> PipelineError | None
 
     Messages are built from the exception *type*, status and error code only, never from the SDK's text.
     """
-    try:
-        from azure.core import exceptions as az
-    except ImportError:  # pragma: no cover - azure is a dependency, but keep the local lake usable without it
-        az = None
-    where = f"lake {op} {redact_url(target)}"
-    seen = 0
+    chain: list[BaseException] = []
     cur: BaseException | None = exc
-    while cur is not None and seen < 12:
+    while cur is not None and len(chain) < 12:
+        chain.append(cur)
+        cur = cur.__cause__ or cur.__context__
+    az = None
+    if any(type(e).__module__.startswith("azure.") for e in chain):
+        # imported only for an Azure SDK error: a local lake's FileNotFoundError must not pay for loading the
+        # SDK (~50 ms, the first time in a process)
+        try:
+            from azure.core import exceptions as az
+        except ImportError:  # pragma: no cover - azure is a dependency, but keep the local lake usable without it
+            az = None
+    where = f"lake {op} {redact_url(target)}"
+    for cur in chain:
         if isinstance(cur, PipelineError):
             return cur
         if az is not None:
@@ -180,8 +187,6 @@ def _translate(exc: BaseException, op: str, target: str) -> PipelineError | None
             return LakeUnavailableError(f"{where}: {type(cur).__name__} errno={cur.errno}")
         if isinstance(cur, ValueError) and str(cur).startswith("unable to connect to account"):
             return LakeConfigurationError("azure_credentials", f"{where}: cannot build a blob client from them")
-        cur = cur.__cause__ or cur.__context__
-        seen += 1
     return None
 
 

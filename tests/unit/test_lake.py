@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import hashlib
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -22,6 +24,7 @@ from tasks.publish import (
     staging_rel,
 )
 
+ROOT = Path(__file__).resolve().parents[2]
 WEEK = "2024-01-01"
 ZONE = "curated/events"
 
@@ -321,3 +324,29 @@ def test_bad_attempt_id_is_refused(lake: LakeFS, staging: LakeFS) -> None:
     with pytest.raises(ConfigurationError) as err:
         publish_week(lake, ZONE, WEEK, stage(staging), attempt="../x")
     assert err.value.field == "attempt"
+
+
+def test_a_local_lake_does_not_load_the_azure_sdk(tmp_path: Path) -> None:
+    """Errors are translated through the Azure SDK's types only when one of them was raised: a local lake's
+    missing file and a publish (which probes for absent files) never import ``azure.core``."""
+    script = f"""
+import sys
+import polars as pl
+from tasks.lake import LakeFS
+from tasks.publish import publish_week
+lake = LakeFS({tmp_path.joinpath("lake").as_uri()!r})
+work = LakeFS({tmp_path.joinpath("work").as_uri()!r})
+try:
+    lake.read_bytes("no/such/file.parquet")
+except FileNotFoundError:
+    pass
+else:
+    raise SystemExit("a missing file was read")
+ref = work.write_parquet(pl.DataFrame({{"a": [1]}}), "s/valid.parquet")
+publish_week(lake, "curated/events", "2024-01-01", {{"valid.parquet": ref}})
+print(sorted(m for m in sys.modules if m.startswith("azure")))
+"""
+    out = subprocess.run(
+        [sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120, check=True
+    )
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr
