@@ -123,15 +123,6 @@ def _process_chunk(chunk: pl.DataFrame, target: Path, reject_target: Path) -> No
     rejects.write_parquet(reject_target, compression="lz4")
 
 
-def _raw_rows(lake: LakeFS, urls: list[str], seqs: pl.Series) -> pl.DataFrame:
-    """Raw rows (with their payload) for the given ``_seq`` values, read back from the raw parts."""
-    found = [pl.DataFrame(schema=RAW_SCHEMA)]
-    if seqs.len():
-        for url in urls:
-            found.append(_read_raw(lake, url, seqs))
-    return pl.concat(found)
-
-
 def _take_validated(lake: LakeFS, part: ValidatedPart, targets: tuple[Path, Path], log: Any) -> bool:
     """Copy a ValidatedPart's two files into the spool; False (and nothing copied) when they are not usable."""
     problem = None
@@ -186,16 +177,18 @@ def transform_week(
         spool.mkdir()
         reject_spool.mkdir()
         pending: deque[Future[None]] = deque()
+        # The checks made during the extract are verified and copied into the spool on the pool, all at once
+        # (file reads and hashing release the GIL); parts without a usable one are validated below, in order.
+        takes: dict[int, tuple[ValidatedPart, Future[bool]]] = {}
         for part_no, (ref, url) in enumerate(zip(raw_files, urls, strict=True)):
             part = checked.get(url)
-            name = f"{part_no:06d}-{0:012d}.parquet"
-            if (
-                part is not None
-                and isinstance(ref, FileRef)
-                and part.raw.sha256 == ref.sha256
-                and _take_validated(lake, part, (spool / name, reject_spool / name), log)
-            ):
-                fetched += part.raw.rows
+            if part is not None and isinstance(ref, FileRef) and part.raw.sha256 == ref.sha256:
+                name = f"{part_no:06d}-{0:012d}.parquet"
+                targets = (spool / name, reject_spool / name)
+                takes[part_no] = (part, pool.submit(_take_validated, lake, part, targets, log))
+        for part_no, url in enumerate(urls):
+            if part_no in takes and takes[part_no][1].result():
+                fetched += takes[part_no][0].raw.rows
                 reused += 1
                 continue
             raw = _read_raw(lake, url)
@@ -268,12 +261,14 @@ def transform_week(
         kept = kept.select(list(VALID_SCHEMA))
         if not in_seq_order:  # raw parts out of receive order: sorting needs the valid rows in memory
             kept = kept.sort("_seq")
+        # The payloads of the week-level rejects are read back from the raw parts on the pool while the valid
+        # file is encoded here (the two take about as long, and both run outside the GIL).
+        wanted = pl.concat([superseded.get_column("_seq"), mixed.get_column("_seq"), outside.get_column("_seq")])
+        reads = [pool.submit(_read_raw, lake, url, wanted) for url in urls] if wanted.len() else []
         valid_file = Path(spool_dir) / "valid.parquet"
         kept.sink_parquet(valid_file, compression="zstd")
         valid_rows = pl.scan_parquet(valid_file).select(pl.len()).collect().item()
-
-        wanted = pl.concat([superseded.get_column("_seq"), mixed.get_column("_seq"), outside.get_column("_seq")])
-        payloads = _raw_rows(lake, urls, wanted)
+        payloads = pl.concat([pl.DataFrame(schema=RAW_SCHEMA), *(read.result() for read in reads)])
         outside_rejects = reject_rows(
             payloads.join(outside, on="_seq", how="inner"),
             pl.lit("occurred_at"),
@@ -304,6 +299,9 @@ def transform_week(
         if rejects.get_column("_seq").n_unique() != rejects.height:
             raise IntegrityError("transform rejected the same record twice")
 
+        prefix = out_prefix.rstrip("/")
+        # the valid file (the big one) is written and verified on the pool while the metrics are aggregated
+        valid_write = pool.submit(lake.write_bytes, f"{prefix}/valid.parquet", valid_file.read_bytes(), rows=valid_rows)
         metrics = aggregate_metrics(pl.scan_parquet(valid_file), window)
         ruled = time.perf_counter()
         top = (
@@ -312,10 +310,9 @@ def transform_week(
             .sort(["len", "field"], descending=[True, False])
             .head(10)
         )
-        prefix = out_prefix.rstrip("/")
-        valid_ref = lake.write_bytes(f"{prefix}/valid.parquet", valid_file.read_bytes(), rows=valid_rows)
         rejects_ref = lake.write_parquet(rejects, f"{prefix}/rejects.parquet")
         metrics_ref = lake.write_parquet(metrics, f"{prefix}/metrics.parquet")
+        valid_ref = valid_write.result()
     done = time.perf_counter()
     log.info(
         "transform %s: fetched=%d valid=%d rejected=%d duplicates=%d customers=%d "
