@@ -301,6 +301,37 @@ def test_every_record_ends_valid_or_rejected(tmp_path_factory, payloads, part_si
     assert valid.get_column("id").n_unique() == valid.height
 
 
+def test_payloads_off_the_fast_reader_agree_with_the_contract(lake):
+    """Payloads the NDJSON reader must not be trusted with (line breaks, carriage returns, \\u escapes, escaped
+    or repeated keys, leading blanks, non-objects) end valid or rejected exactly as the contract's own parser says,
+    whether the slow-path markers or the reader's row-count check send them to the per-row path."""
+    good = json.loads(ev("e1"))
+    payloads = [
+        json.dumps(good, indent=2),  # line breaks between keys
+        json.dumps({**good, "id": "e2"}).replace(", ", ",\r\n"),  # CRLF between keys
+        json.dumps({**good, "id": "e\u00e93"}, ensure_ascii=True),  # an escape in a checked field
+        json.dumps({**good, "id": "e4", "customer_id": "\u0001c"}, ensure_ascii=True),  # an escaped control char
+        " \t" + json.dumps({**good, "id": "e5"}),  # leading blanks
+        json.dumps({**good, "id": "e6", "metadata": {"note": "a\\u"}}),  # an escaped backslash before a u
+        "[1, 2]",
+        "\n" + json.dumps({**good, "id": "e8"}),
+        json.dumps({**good, "id": "e9"}),  # the fast path, for contrast
+        json.dumps({**good, "id": "e10"})[:-1] + ', "\\u0069d": 5}',  # an escaped key: the last "id" is a number
+        json.dumps({**good, "id": "e11"})[:-1] + ',\r"customer_id": 7}',  # a bare CR before a second key
+    ]
+    res, valid, rejects, _ = run(lake, payloads)
+    assert res.fetched == len(payloads) == valid.height + rejects.height
+    fields = dict(zip(rejects.get_column("_seq"), rejects.get_column("field"), strict=True))
+    expected_ids = set()
+    for seq, payload in enumerate(payloads):
+        record, field, _ = validate_payload(payload)
+        assert fields.get(seq) == (None if record is not None else field), payload
+        if record is not None:
+            expected_ids.add(record.id)
+    assert set(valid.get_column("id")) == expected_ids
+    assert {"e1", "e2", "e\u00e93", "e5", "e6", "e8", "e9"} <= expected_ids  # the oracle takes them, too
+
+
 def test_invalid_json_inside_a_large_chunk_is_isolated(lake, monkeypatch):
     import tasks.transform as transform
     import tasks.validation as validation
