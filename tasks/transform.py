@@ -15,8 +15,9 @@ depend on row order. Valid rows of each chunk are spooled (without payload) to a
 file; the raw payloads of the week are never all in memory at once (the few payloads needed for window,
 duplicate and currency rejects are read back from the raw parts), and neither are the week's valid rows:
 de-duplication, the currency rule, the valid file (``sink_parquet`` to a local spool file, then one lake write) and the
-aggregation scan the spool files lazily, so memory stays flat in the week's size (the de-duplication keeps a
-64-bit id hash and ``_seq`` per row). Each chunk's rejects are spooled too (see :func:`_process_chunk`).
+aggregation scan the spool files lazily, so memory stays flat in the week's size (the de-duplication sorts the
+64-bit id hashes of at most :data:`DEDUP_BUCKET_ROWS` rows at a time). Each chunk's rejects are spooled too (see
+:func:`_process_chunk`).
 """
 
 from __future__ import annotations
@@ -75,6 +76,10 @@ more costly, spreads the work over more short-lived allocations: peak RSS grew w
 
 _log = logging.getLogger(__name__)
 
+DEDUP_BUCKET_ROWS = 1_000_000
+"""Id hashes sorted at once when looking for repeated ids (8 bytes a row, twice while sorting): a larger week is
+split into hash buckets, one scan of the spool each, so the de-duplication's memory stays flat in the week's size."""
+
 # --- the stage ------------------------------------------------------------------------------------
 
 
@@ -109,6 +114,41 @@ def _window_split(scan: pl.LazyFrame, window: Window, timezone: str) -> tuple[pl
     inside = local_day.is_between(pl.lit(window.start), pl.lit(window.end), closed="both")
     outside = scan.filter(~inside).select("_seq", "id", local_day.cast(pl.String).alias("_day")).collect()
     return (scan.filter(inside) if outside.height else scan), outside
+
+
+def _in_seq_order(files: Sequence[Path]) -> bool:
+    """True when the ``_seq`` values of the spool files increase row by row and file by file (raw parts given in
+    receive order, the usual case). Reads one file's ``_seq`` column at a time."""
+    last: int | None = None
+    for path in files:
+        lo, hi, unsorted = (
+            pl.scan_parquet(path)
+            .select(
+                pl.col("_seq").min(), pl.col("_seq").max().alias("hi"), (pl.col("_seq").diff() <= 0).any().alias("d")
+            )
+            .collect()
+            .row(0)
+        )
+        if lo is None:  # an empty file
+            continue
+        if unsorted or (last is not None and lo <= last):
+            return False
+        last = hi
+    return True
+
+
+def _repeated_hashes(scan: pl.LazyFrame, rows: int) -> pl.Series:
+    """The ``_hash`` values found more than once in ``scan`` (a frame of about ``rows`` rows), by sorting: 8 bytes a
+    row rather than the ~100 bytes a row of ``is_duplicated()``'s hash table. More than
+    :data:`DEDUP_BUCKET_ROWS` rows are split by ``_hash`` modulo the number of buckets, one pass per bucket."""
+    buckets = max(1, -(-rows // DEDUP_BUCKET_ROWS))
+    found = [pl.Series("_hash", [], dtype=pl.UInt64)]
+    for bucket in range(buckets):
+        part = scan if buckets == 1 else scan.filter(pl.col("_hash") % buckets == bucket)
+        hashes = part.select("_hash").collect().get_column("_hash").sort()
+        found.append(hashes.filter(hashes == hashes.shift(1)).unique())
+        del hashes
+    return pl.concat(found)
 
 
 def _process_chunk(chunk: pl.DataFrame, target: Path, reject_target: Path) -> None:
@@ -210,7 +250,7 @@ def transform_week(
         contract_rejects = [pl.read_parquet(reject_files, schema=REJECT_SCHEMA)] if reject_files else []
         validated_at = time.perf_counter()
         # The valid rows stay in the spool files: every step below scans them lazily (Polars streams the
-        # scans), so memory does not grow with the week beyond 16 bytes per row for the de-duplication keys.
+        # scans), so memory does not grow with the week (the de-duplication works in hash buckets).
         spool_scan = pl.scan_parquet(spooled, schema=SPOOL_SCHEMA) if spooled else pl.LazyFrame(schema=SPOOL_SCHEMA)
 
         # Window: the local date of occurred_at (in the settings' timezone) must be in the batch week.
@@ -218,14 +258,8 @@ def transform_week(
 
         # De-duplicate: latest occurred_at wins, ties -> highest _seq (received last).
         # A 64-bit hash pre-filter keeps the exact string comparison to the (few) candidate rows.
-        keys = in_window.select("_seq", "_hash").collect()
-        in_seq_order = keys.get_column("_seq").is_sorted()  # raw parts given in receive order (the usual case)
-        # Repeated hashes by sorting (8 bytes a row, ~10 MB at 1M rows) rather than is_duplicated(), whose hash
-        # table took ~100 MB at 1M rows and so made the transform's peak memory grow with the week.
-        hashes = keys.get_column("_hash").sort()
-        del keys
-        repeated = hashes.filter(hashes == hashes.shift(1)).unique()
-        del hashes
+        in_seq_order = _in_seq_order(spooled)  # raw parts given in receive order (the usual case)
+        repeated = _repeated_hashes(in_window, fetched)
         candidates = (
             in_window.filter(pl.col("_hash").is_in(repeated.implode())).select("_seq", "id", "occurred_at")
         ).collect()

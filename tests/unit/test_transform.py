@@ -12,6 +12,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from tasks import transform
 from tasks.contract import validate_payload
 from tasks.errors import ConfigurationError, RawPartError
 from tasks.lake import LakeFS
@@ -139,6 +140,34 @@ def test_dedup_latest_wins_ties_go_to_last_received(lake):
     assert sorted(dups.get_column("_seq").to_list()) == [0, 2, 3]
     assert set(dups.get_column("reason")) == {"duplicate of a later record"}
     assert (res.duplicates, res.rejected) == (3, 0)
+
+
+def test_large_weeks_find_duplicates_bucket_by_bucket(lake, monkeypatch):
+    """A week of more than DEDUP_BUCKET_ROWS rows looks for repeated ids one hash bucket at a time: the files are
+    byte-identical to a single pass."""
+    payloads = [
+        ev(f"e{i % 11}", customer=f"c_{i % 4}", amount=i, at=f"2024-01-0{1 + i % 7}T10:00:00Z") for i in range(40)
+    ]
+    single, *_ = run(lake, payloads, part_size=7, prefix="single")
+    monkeypatch.setattr(transform, "DEDUP_BUCKET_ROWS", 3)  # 40 rows -> 14 buckets
+    calls = []
+    real = transform._repeated_hashes
+    monkeypatch.setattr(transform, "_repeated_hashes", lambda scan, rows: calls.append(rows) or real(scan, rows))
+    bucketed, *_ = run(lake, payloads, part_size=7, prefix="bucketed")
+    assert calls == [40] and single.duplicates == bucketed.duplicates == 29
+    for name in ("valid", "rejects", "metrics"):
+        assert getattr(single, name).sha256 == getattr(bucketed, name).sha256
+
+
+def test_raw_parts_out_of_receive_order_give_the_same_files(lake):
+    """The valid and rejects files are in receive (``_seq``) order whatever order the raw parts are given in."""
+    payloads = [ev(f"e{i % 5}", amount=i, at=f"2024-01-0{1 + i % 7}T10:00:00Z") for i in range(12)] + ["{bad"]
+    refs = write_parts(lake, payloads, part_size=4)
+    in_order = transform_week(lake, refs, WEEK, "in-order")
+    reversed_ = transform_week(lake, refs[::-1], WEEK, "reversed")
+    for name in ("valid", "rejects", "metrics"):
+        assert getattr(in_order, name).sha256 == getattr(reversed_, name).sha256
+    assert lake.read_parquet(reversed_.valid.url).get_column("_seq").is_sorted()
 
 
 def test_window_edges_in_a_non_utc_timezone(lake):
