@@ -38,11 +38,11 @@ import json
 import os
 import re
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from datetime import date, datetime
 from decimal import Decimal
-from typing import Any
+from typing import IO, Any
 from urllib.parse import urlsplit
 
 import fsspec
@@ -363,7 +363,7 @@ class LakeFS:
         digest = sha256_bytes(data)
         with self._guard("write", url):
             if self.is_local:
-                _local_write(path, data, exclusive=exclusive)
+                _local_write(path, (data,), exclusive=exclusive)
             elif self.is_blob:
                 mode = "xb" if exclusive else "wb"
                 with self.fs.open(path, mode, metadata={"sha256": digest, "rows": str(rows)}) as fh:
@@ -374,6 +374,73 @@ class LakeFS:
                 self.fs.pipe_file(path, data)
         self._verify(url, path, digest, len(data))
         return FileRef(url=url, rows=rows, sha256=digest, bytes=len(data))
+
+    def write_file(self, rel_or_url: str, local_path: str | os.PathLike[str], *, rows: int = 0) -> FileRef:
+        """:meth:`write_bytes` of a local file's content, streamed: memory does not grow with the file."""
+        return self.write_stream(rel_or_url, lambda: open(local_path, "rb"), rows=rows)  # noqa: SIM115
+
+    def write_stream(
+        self,
+        rel_or_url: str,
+        open_source: Callable[[], IO[bytes]],
+        *,
+        rows: int = 0,
+        sha256: str | None = None,
+        size: int | None = None,
+        source_name: str = "source",
+    ) -> FileRef:
+        """Write what ``open_source()`` reads, in chunks of 1 MiB, atomically, and verify it like :meth:`write_bytes`.
+
+        With ``sha256``/``size`` (the source's FileRef) a source that does not match is an IntegrityError naming
+        ``source_name``, and nothing is written: a local lake checks while it writes its temporary file; other
+        stores (a blob's metadata carries the SHA-256, needed before the upload) read the source twice, once to
+        hash and check it and once to upload it, and check that the upload read the same bytes.
+        """
+        url = self._url(rel_or_url)
+        path = self.fs._strip_protocol(url)
+
+        def mismatch(digest: str, length: int) -> IntegrityError:
+            return IntegrityError(
+                f"{source_name} does not match its FileRef (bytes {length} vs {size}, sha256 {digest} vs {sha256})"
+            )
+
+        def read_hashed(fh: IO[bytes], h: Any, seen: list[int]) -> Iterator[bytes]:
+            while chunk := fh.read(_CHUNK):
+                h.update(chunk)
+                seen[0] += len(chunk)
+                yield chunk
+
+        def hash_source() -> tuple[str, int]:
+            h, seen = hashlib.sha256(), [0]
+            with open_source() as fh:
+                for _ in read_hashed(fh, h, seen):
+                    pass
+            return h.hexdigest(), seen[0]
+
+        if not self.is_local:  # the blob metadata carries the SHA-256: known before the upload
+            digest, length = hash_source()
+            if sha256 is not None and (digest != sha256 or (size is not None and length != size)):
+                raise mismatch(digest, length)
+        h, seen = hashlib.sha256(), [0]
+        with self._guard("write", url), open_source() as src:
+            if self.is_local:
+
+                def checked() -> Iterator[bytes]:
+                    yield from read_hashed(src, h, seen)
+                    if sha256 is not None and (h.hexdigest() != sha256 or (size is not None and seen[0] != size)):
+                        raise mismatch(h.hexdigest(), seen[0])  # before the rename: nothing is written
+
+                _local_write(path, checked(), exclusive=False)
+                digest, length = h.hexdigest(), seen[0]
+            else:
+                kwargs = {"metadata": {"sha256": digest, "rows": str(rows)}} if self.is_blob else {}
+                with self.fs.open(path, "wb", **kwargs) as fh:
+                    for chunk in read_hashed(src, h, seen):
+                        fh.write(chunk)
+                if (h.hexdigest(), seen[0]) != (digest, length):
+                    raise IntegrityError(f"{source_name} changed while it was written to {redact_url(url)}")
+        self._verify(url, path, digest, length)
+        return FileRef(url=url, rows=rows, sha256=digest, bytes=length)
 
     def _verify(self, url: str, path: str, digest: str, size: int) -> None:
         remote_size, remote_sha = self._remote_state(path, url)
@@ -422,6 +489,15 @@ class LakeFS:
             try:
                 with self.fs.open(self.fs._strip_protocol(url), "rb") as fh:
                     return fh.read()
+            except FileNotFoundError as exc:
+                raise self._not_found(url, exc) from None
+
+    def open_read(self, rel_or_url: str) -> IO[bytes]:
+        """The file opened for reading (a context manager; the caller closes it); missing -> FileNotFoundError."""
+        url = self._url(rel_or_url)
+        with self._guard("read", url):
+            try:
+                return self.fs.open(self.fs._strip_protocol(url), "rb")
             except FileNotFoundError as exc:
                 raise self._not_found(url, exc) from None
 
@@ -510,13 +586,16 @@ class LakeFS:
         return pl.read_parquet(io.BytesIO(self.read_bytes(rel_or_url)), columns=columns)
 
 
-def _local_write(path: str, data: bytes, *, exclusive: bool) -> None:
+def _local_write(path: str, chunks: Iterable[bytes], *, exclusive: bool) -> None:
+    """Write ``chunks`` to a temporary file beside ``path``, fsync it, then rename it into place (atomic). An
+    exception raised while ``chunks`` is consumed leaves ``path`` untouched."""
     folder = os.path.dirname(path) or "."
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX, dir=folder)
     try:
         with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
+            for chunk in chunks:
+                fh.write(chunk)
             fh.flush()
             os.fsync(fh.fileno())
         os.chmod(tmp, 0o644)

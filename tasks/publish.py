@@ -32,7 +32,7 @@ import logging
 import uuid
 from collections.abc import Mapping
 from datetime import UTC, date, datetime
-from typing import Any, Literal
+from typing import IO, Any, Literal
 from urllib.parse import urlsplit
 
 import fsspec
@@ -133,24 +133,37 @@ def read_committed(lake: LakeFS, zone_prefix: str, week_label: str | date, name:
     return pl.read_parquet(io.BytesIO(data))
 
 
-def _read_source(lake: LakeFS, ref: FileRef, source: LakeFS | None) -> bytes:
-    """Bytes of a caller's FileRef, checked against its recorded SHA-256 and size."""
+def _copy_source(lake: LakeFS, ref: FileRef, source: LakeFS | None, target_url: str) -> FileRef:
+    """Copy a caller's FileRef to ``target_url`` on ``lake``, streamed (memory does not grow with the file), and
+    checked against the ref's SHA-256 and size: a source that does not match is an IntegrityError and is not
+    written."""
     scheme = urlsplit(ref.url).scheme or "file"
     if source is not None:
-        data = source.read_bytes(ref.url)
+        reader = source
     elif scheme == lake.scheme:
-        data = lake.read_bytes(ref.url)
+        reader = lake
     elif scheme == "file":
-        with lake._guard("read", ref.url):
-            try:
-                data = fsspec.filesystem("file").cat_file(urlsplit(ref.url).path)
-            except FileNotFoundError:
-                raise FileNotFoundError(2, "source file not found", redact_url(ref.url)) from None
+        reader = None
     else:
         raise ConfigurationError("files", f"cannot read {redact_url(ref.url)}: pass source= for that store")
-    if sha256_bytes(data) != ref.sha256 or len(data) != ref.bytes:
-        raise IntegrityError(f"source file {redact_url(ref.url)} does not match its FileRef (sha256/bytes)")
-    return data
+
+    def open_source() -> IO[bytes]:
+        if reader is not None:
+            return reader.open_read(ref.url)
+        with lake._guard("read", ref.url):
+            try:
+                return fsspec.filesystem("file").open(urlsplit(ref.url).path, "rb")
+            except FileNotFoundError:
+                raise FileNotFoundError(2, "source file not found", redact_url(ref.url)) from None
+
+    return lake.write_stream(
+        target_url,
+        open_source,
+        rows=ref.rows,
+        sha256=ref.sha256,
+        size=ref.bytes,
+        source_name=f"source file {redact_url(ref.url)}",
+    )
 
 
 def _same_content(manifest: Manifest, files: Mapping[str, FileRef], extra: dict[str, Any]) -> bool:
@@ -205,8 +218,7 @@ def publish_week(
                 skipped.append(name)
                 continue
             logger.warning("lake: committed %s/%s is missing or differs; re-uploading", prefix, name)
-            data = _read_source(lake, files[name], source)
-            lake.write_bytes(ref.url, data, rows=ref.rows)
+            _copy_source(lake, files[name], source, ref.url)
             repaired.append(name)
         status = "repaired" if repaired else "skipped"
         logger.info("lake: week %s %s (%d intact, %d repaired)", prefix, status, len(skipped), len(repaired))
@@ -220,8 +232,7 @@ def publish_week(
         if ref.url == target_url and lake.file_ok(target_url, ref.sha256, ref.bytes, deep=deep_verify):
             published[name] = ref
             continue
-        data = _read_source(lake, ref, source)
-        published[name] = lake.write_bytes(target_url, data, rows=ref.rows)
+        published[name] = _copy_source(lake, ref, source, target_url)
     # Guard against a concurrent clean-up having removed what we staged: check right before the commit.
     for ref in published.values():
         if not lake.file_ok(ref.url, ref.sha256, ref.bytes):

@@ -334,8 +334,9 @@ def transform_week(
             raise IntegrityError("transform rejected the same record twice")
 
         prefix = out_prefix.rstrip("/")
-        # the valid file (the big one) is written and verified on the pool while the metrics are aggregated
-        valid_write = pool.submit(lake.write_bytes, f"{prefix}/valid.parquet", valid_file.read_bytes(), rows=valid_rows)
+        # the valid file (the big one) is streamed to the lake and verified on the pool while the metrics are
+        # aggregated (in 1 MiB chunks: memory does not grow with the file)
+        valid_write = pool.submit(lake.write_file, f"{prefix}/valid.parquet", valid_file, rows=valid_rows)
         metrics = aggregate_metrics(pl.scan_parquet(valid_file), window)
         ruled = time.perf_counter()
         top = (

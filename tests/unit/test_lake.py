@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import hashlib
+import io
+import os
 import subprocess
 import sys
 import threading
@@ -88,6 +90,47 @@ def test_parquet_round_trip_with_verified_hash(lake: LakeFS) -> None:
     assert not lake.exists("raw/nope.parquet")
     with pytest.raises(FileNotFoundError):
         lake.read_bytes("raw/nope.parquet")
+
+
+class _Recording(io.BytesIO):
+    """A source that records the size of every read asked of it."""
+
+    def __init__(self, data: bytes, reads: list[int]) -> None:
+        super().__init__(data)
+        self.reads = reads
+
+    def read(self, size: int | None = -1) -> bytes:
+        self.reads.append(-1 if size is None else size)
+        return super().read(size)
+
+
+def test_write_file_streams_in_chunks_and_verifies(lake: LakeFS, tmp_path: Path) -> None:
+    data = os.urandom(3 * (1 << 20) + 123)  # more than three chunks
+    local = tmp_path / "big.bin"
+    local.write_bytes(data)
+    ref = lake.write_file("big/one.bin", local, rows=7)
+    assert (ref.sha256, ref.bytes, ref.rows) == (hashlib.sha256(data).hexdigest(), len(data), 7)
+    assert lake.read_bytes(ref.url) == data
+    assert lake.file_ok(ref.url, ref.sha256, ref.bytes, deep=True)
+
+    reads: list[int] = []
+    again = lake.write_stream("big/two.bin", lambda: _Recording(data, reads), sha256=ref.sha256, size=ref.bytes)
+    assert again.sha256 == ref.sha256 and lake.read_bytes(again.url) == data
+    assert reads and all(0 < size <= 1 << 20 for size in reads)  # never the whole file at once
+
+
+def test_write_stream_refuses_a_source_that_does_not_match_and_writes_nothing(lake: LakeFS) -> None:
+    data = b"x" * 1000
+    good = hashlib.sha256(data).hexdigest()
+    for sha256, size in ((hashlib.sha256(b"other").hexdigest(), 1000), (good, 999)):
+        with pytest.raises(IntegrityError, match="staged copy does not match its FileRef"):
+            lake.write_stream(
+                "w/file.bin", lambda: io.BytesIO(data), sha256=sha256, size=size, source_name="staged copy"
+            )
+        assert not lake.exists("w/file.bin")
+        assert not lake.fs.find(lake.fs._strip_protocol(lake.url("w")))  # not even a temporary file
+    ref = lake.write_stream("w/file.bin", lambda: io.BytesIO(data), sha256=good, size=1000)
+    assert lake.read_bytes(ref.url) == data
 
 
 def test_parquet_without_statistics_for_intermediate_files(lake: LakeFS) -> None:

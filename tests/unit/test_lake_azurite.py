@@ -110,16 +110,16 @@ def test_outage_mid_publish_is_retryable(azurite, azurite_lake: LakeFS, tmp_path
         "zmetrics.parquet": staging.write_parquet(pl.DataFrame({"n": [1]}), "m2.parquet"),
     }
     publish_week(azurite_lake, ZONE, WEEK, v1, attempt="run1")
-    real = azurite_lake.write_bytes
+    real = azurite_lake.write_stream
     calls = []
 
-    def flaky(rel, data, **kw):  # the store goes away after the first data file of run2 is written
+    def flaky(rel, open_source, **kw):  # the store goes away after the first data file of run2 is written
         calls.append(rel)
         if len(calls) == 2:
             azurite.stop()
-        return real(rel, data, **kw)
+        return real(rel, open_source, **kw)
 
-    monkeypatch.setattr(azurite_lake, "write_bytes", flaky)
+    monkeypatch.setattr(azurite_lake, "write_stream", flaky)
     try:
         with pytest.raises(LakeUnavailableError):
             publish_week(azurite_lake, ZONE, WEEK, v2, attempt="run2")
