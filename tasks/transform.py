@@ -14,10 +14,12 @@ integer micro-units (amount rounded to 6 decimals) and rounded to 2 decimals at 
 depend on row order. Valid rows of each chunk are spooled (without payload) to a local temporary Parquet
 file; the raw payloads of the week are never all in memory at once (the few payloads needed for window,
 duplicate and currency rejects are read back from the raw parts), and neither are the week's valid rows:
-de-duplication, the currency rule, the valid file (``sink_parquet`` to a local spool file, then one lake write) and the
-aggregation scan the spool files lazily, so memory stays flat in the week's size (the de-duplication sorts the
-64-bit id hashes of at most :data:`DEDUP_BUCKET_ROWS` rows at a time). Each chunk's rejects are spooled too (see
-:func:`_process_chunk`).
+de-duplication, the currency rule, the valid file (``sink_parquet`` to a local spool file, then a streamed lake
+write) and the aggregation scan the spool files lazily, so memory stays flat in the week's size (the
+de-duplication sorts the 64-bit id hashes of at most :data:`DEDUP_BUCKET_ROWS` rows at a time). Each chunk's
+rejects are spooled too (see :func:`_process_chunk`), and the rejects file is their spool merged in ``_seq`` order
+with the week-level rejects, so a week that rejects most of its rows does not hold them in memory either (unless
+its raw parts come out of receive order, which needs an in-memory sort, as for the valid rows).
 """
 
 from __future__ import annotations
@@ -247,7 +249,10 @@ def transform_week(
             log.info("used the contract check made during the extract for %d of %d raw parts", reused, len(urls))
         spooled = sorted(spool.glob("*.parquet"))
         reject_files = sorted(reject_spool.glob("*.parquet"))
-        contract_rejects = [pl.read_parquet(reject_files, schema=REJECT_SCHEMA)] if reject_files else []
+        # the contract's rejects stay in their spool files too (a bad week can reject most of its rows)
+        contract_rejects = (
+            pl.scan_parquet(reject_files, schema=REJECT_SCHEMA) if reject_files else pl.LazyFrame(schema=REJECT_SCHEMA)
+        )
         validated_at = time.perf_counter()
         # The valid rows stay in the spool files: every step below scans them lazily (Polars streams the
         # scans), so memory does not grow with the week (the de-duplication works in hash buckets).
@@ -322,16 +327,25 @@ def transform_week(
             + pl.lit(" (most events, ties alphabetical), got ")
             + pl.col("currency"),
         )
-        counted = pl.concat([*contract_rejects, outside_rejects, currency_rejects], how="vertical")
-        rejects = pl.concat([counted, dup_rejects]).sort("_seq")
-        rejected, duplicates = counted.height, dup_rejects.height
+        # The rejects file: the contract's rejects (spooled, in _seq order when the parts are) merged with the
+        # week-level ones (few, in memory) into one _seq-ordered stream, written by Polars' streaming sink.
+        counted = pl.concat([contract_rejects, pl.concat([outside_rejects, currency_rejects]).lazy()])
+        week_level = pl.concat([outside_rejects, currency_rejects, dup_rejects]).sort("_seq")
+        if _in_seq_order(reject_files):
+            ordered = contract_rejects.merge_sorted(week_level.lazy(), key="_seq")
+        else:  # raw parts out of receive order: sorting needs the rejects in memory
+            ordered = pl.concat([contract_rejects, week_level.lazy()]).sort("_seq")
+        rejects_file = Path(spool_dir) / "rejects.parquet"
+        ordered.sink_parquet(rejects_file, compression="zstd")
+        rejected, duplicates = counted.select(pl.len()).collect().item(), dup_rejects.height
         if fetched != valid_rows + rejected + duplicates:
             raise IntegrityError(
                 f"transform lost or duplicated rows: fetched {fetched} != valid {valid_rows} + rejected {rejected} "
                 f"+ duplicates {duplicates}"
             )
-        if rejects.get_column("_seq").n_unique() != rejects.height:
-            raise IntegrityError("transform rejected the same record twice")
+        written = pl.scan_parquet(rejects_file).select(pl.len(), (pl.col("_seq").diff() <= 0).any()).collect()
+        if written.row(0) != (rejected + duplicates, False):  # in _seq order: a record rejected twice is adjacent
+            raise IntegrityError("transform rejected the same record twice, or lost the order of the rejects")
 
         prefix = out_prefix.rstrip("/")
         # the valid file (the big one) is streamed to the lake and verified on the pool while the metrics are
@@ -342,10 +356,11 @@ def transform_week(
         top = (
             counted.group_by(pl.col("field") + pl.lit(": ") + pl.col("reason").str.split(", got ").list.first())
             .len()
+            .collect()
             .sort(["len", "field"], descending=[True, False])
             .head(10)
         )
-        rejects_ref = lake.write_parquet(rejects, f"{prefix}/rejects.parquet")
+        rejects_ref = lake.write_file(f"{prefix}/rejects.parquet", rejects_file, rows=rejected + duplicates)
         metrics_ref = lake.write_parquet(metrics, f"{prefix}/metrics.parquet")
         valid_ref = valid_write.result()
     done = time.perf_counter()

@@ -170,6 +170,20 @@ def test_raw_parts_out_of_receive_order_give_the_same_files(lake):
     assert lake.read_parquet(reversed_.valid.url).get_column("_seq").is_sorted()
 
 
+def test_rejects_stay_in_receive_order_when_only_the_rejected_parts_are_out_of_order(lake):
+    """Parts given as [2, 0, 1] where part 0 is all valid and parts 1 and 2 all rejected: the valid rows look in
+    order, the spooled rejects are not; the rejects file is still in _seq order and equal to the in-order run's."""
+    good = [ev(f"g{i}", amount=i) for i in range(4)]
+    bad = [ev(f"b{i}", amount=-1) for i in range(8)]
+    refs = write_parts(lake, good + bad, part_size=4)
+    in_order = transform_week(lake, refs, WEEK, "in-order")
+    shuffled = transform_week(lake, [refs[2], refs[0], refs[1]], WEEK, "shuffled")
+    assert (shuffled.valid.rows, shuffled.rejected) == (4, 8)
+    for name in ("valid", "rejects", "metrics"):
+        assert getattr(in_order, name).sha256 == getattr(shuffled, name).sha256
+    assert lake.read_parquet(shuffled.rejects.url).get_column("_seq").to_list() == list(range(4, 12))
+
+
 def test_window_edges_in_a_non_utc_timezone(lake):
     tz = "America/New_York"  # UTC-5 in January
     payloads = [
