@@ -12,14 +12,16 @@ wins, ties -> alphabetical; other currencies' events are rejected), then aggrega
 ``Total_Amount__c`` = sum(purchase + subscription_renewal amounts) - sum(refund amounts); summed exactly in
 integer micro-units (amount rounded to 6 decimals) and rounded to 2 decimals at the end, so the figure does not
 depend on row order. Valid rows of each chunk are spooled (without payload) to a local temporary Parquet
-file; the raw payloads of the week are never all in memory at once (the few payloads needed for window,
-duplicate and currency rejects are read back from the raw parts), and neither are the week's valid rows:
+file; the raw payloads of the week are never all in memory at once (the payloads of the window, duplicate and
+currency rejects are read back from the raw parts, one part at a time per worker, and spooled), and neither are
+the week's valid rows:
 de-duplication, the currency rule, the valid file (``sink_parquet`` to a local spool file, then a streamed lake
 write) and the aggregation scan the spool files lazily, so memory stays flat in the week's size (the
 de-duplication sorts the 64-bit id hashes of at most :data:`DEDUP_BUCKET_ROWS` rows at a time). Each chunk's
 rejects are spooled too (see :func:`_process_chunk`), and the rejects file is their spool merged in ``_seq`` order
-with the week-level rejects, so a week that rejects most of its rows does not hold them in memory either (unless
-its raw parts come out of receive order, which needs an in-memory sort, as for the valid rows).
+with the week-level rejects' spool, so a week that rejects most of its rows does not hold them in memory either
+(unless its raw parts come out of receive order, which needs an in-memory sort, as for the valid rows). What does
+grow with such a week: the ``_seq`` (and id, day) of each row the week-level rules reject, ~50 bytes a row.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import date
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import polars as pl
@@ -119,24 +121,11 @@ def _window_split(scan: pl.LazyFrame, window: Window, timezone: str) -> tuple[pl
 
 
 def _in_seq_order(files: Sequence[Path]) -> bool:
-    """True when the ``_seq`` values of the spool files increase row by row and file by file (raw parts given in
-    receive order, the usual case). Reads one file's ``_seq`` column at a time."""
-    last: int | None = None
-    for path in files:
-        lo, hi, unsorted = (
-            pl.scan_parquet(path)
-            .select(
-                pl.col("_seq").min(), pl.col("_seq").max().alias("hi"), (pl.col("_seq").diff() <= 0).any().alias("d")
-            )
-            .collect()
-            .row(0)
-        )
-        if lo is None:  # an empty file
-            continue
-        if unsorted or (last is not None and lo <= last):
-            return False
-        last = hi
-    return True
+    """True when the ``_seq`` values of the spool files, read in the given file order, strictly increase (raw
+    parts given in receive order, the usual case). One streaming pass over the ``_seq`` column."""
+    if not files:
+        return True
+    return not pl.scan_parquet(list(files)).select((pl.col("_seq").diff() <= 0).any()).collect().item()
 
 
 def _repeated_hashes(scan: pl.LazyFrame, rows: int) -> pl.Series:
@@ -151,6 +140,58 @@ def _repeated_hashes(scan: pl.LazyFrame, rows: int) -> pl.Series:
         found.append(hashes.filter(hashes == hashes.shift(1)).unique())
         del hashes
     return pl.concat(found)
+
+
+class _WeekRules(NamedTuple):
+    """What the week-level rules decided, by ``_seq`` (small frames, shared read-only by the pool's tasks)."""
+
+    window: Window
+    timezone: str
+    outside: pl.DataFrame  # _seq, id, _day
+    superseded: pl.DataFrame  # _seq, id
+    mixed: pl.DataFrame  # _seq, id, currency, _dominant
+    wanted: pl.Series  # every _seq above
+
+
+def _week_level_rejects(lake: LakeFS, url: str, rules: _WeekRules, target: Path) -> tuple[int, int]:
+    """The week-level rejects of one raw part with their payloads (read back from it), written to ``target`` in
+    ``_seq`` order (no file when there are none). Returns (rejected, duplicates): window and currency rejects
+    count as rejected, the superseded records as duplicates (the reason :data:`DUPLICATE_REASON` tells them apart
+    in the file)."""
+    payloads = _read_raw(lake, url, rules.wanted)
+    window = rules.window
+    seqs = payloads.get_column("_seq")
+
+    def of_this_part(frame: pl.DataFrame) -> pl.DataFrame:
+        # only the rows in this part's _seq range take part in the join: a week whose rows are mostly outside the
+        # window must not build a hash table of all of them for every part
+        return frame.filter(pl.col("_seq").is_between(seqs.min(), seqs.max())) if seqs.len() else frame.clear()
+
+    outside = reject_rows(
+        payloads.join(of_this_part(rules.outside), on="_seq", how="inner"),
+        pl.lit("occurred_at"),
+        pl.lit(f"occurred_at is outside the batch window {window.start}..{window.end} ({rules.timezone}), got ")
+        + pl.col("_day"),
+    )
+    currency = reject_rows(
+        payloads.join(of_this_part(rules.mixed), on="_seq", how="inner"),
+        pl.lit("currency"),
+        pl.lit("customer mixes currencies in the week, kept the dominant currency ")
+        + pl.col("_dominant")
+        + pl.lit(" (most events, ties alphabetical), got ")
+        + pl.col("currency"),
+    )
+    dups = reject_rows(
+        payloads.join(of_this_part(rules.superseded), on="_seq", how="inner"), pl.lit("id"), pl.lit(DUPLICATE_REASON)
+    )
+    frame = pl.concat([outside, currency, dups]).sort("_seq")
+    if frame.height:
+        frame.write_parquet(target, compression="lz4", statistics=False)
+    return outside.height + currency.height, dups.height
+
+
+def _scan_rejects(files: Sequence[Path]) -> pl.LazyFrame:
+    return pl.scan_parquet(list(files), schema=REJECT_SCHEMA) if files else pl.LazyFrame(schema=REJECT_SCHEMA)
 
 
 def _process_chunk(chunk: pl.DataFrame, target: Path, reject_target: Path) -> None:
@@ -250,9 +291,7 @@ def transform_week(
         spooled = sorted(spool.glob("*.parquet"))
         reject_files = sorted(reject_spool.glob("*.parquet"))
         # the contract's rejects stay in their spool files too (a bad week can reject most of its rows)
-        contract_rejects = (
-            pl.scan_parquet(reject_files, schema=REJECT_SCHEMA) if reject_files else pl.LazyFrame(schema=REJECT_SCHEMA)
-        )
+        contract_rejects = _scan_rejects(reject_files)
         validated_at = time.perf_counter()
         # The valid rows stay in the spool files: every step below scans them lazily (Polars streams the
         # scans), so memory does not grow with the week (the de-duplication works in hash buckets).
@@ -300,44 +339,39 @@ def transform_week(
         kept = kept.select(list(VALID_SCHEMA))
         if not in_seq_order:  # raw parts out of receive order: sorting needs the valid rows in memory
             kept = kept.sort("_seq")
-        # The payloads of the week-level rejects are read back from the raw parts on the pool while the valid
-        # file is encoded here (the two take about as long, and both run outside the GIL).
+        # The week-level rejects get their payloads back from the raw parts, one part per task on the pool, each
+        # written to a spool file in _seq order, while the valid file is encoded here (the two take about as long,
+        # and both run outside the GIL).
         wanted = pl.concat([superseded.get_column("_seq"), mixed.get_column("_seq"), outside.get_column("_seq")])
-        reads = [pool.submit(_read_raw, lake, url, wanted) for url in urls] if wanted.len() else []
+        rules = _WeekRules(window, timezone, outside, superseded, mixed, wanted)
+        week_spool = Path(spool_dir) / "week-level"
+        week_spool.mkdir()
+        targets = [week_spool / f"{n:06d}.parquet" for n in range(len(urls))]
+        reads = (
+            [
+                pool.submit(_week_level_rejects, lake, url, rules, target)
+                for url, target in zip(urls, targets, strict=True)
+            ]
+            if wanted.len()
+            else []
+        )
         valid_file = Path(spool_dir) / "valid.parquet"
         kept.sink_parquet(valid_file, compression="zstd")
         valid_rows = pl.scan_parquet(valid_file).select(pl.len()).collect().item()
-        payloads = pl.concat([pl.DataFrame(schema=RAW_SCHEMA), *(read.result() for read in reads)])
-        outside_rejects = reject_rows(
-            payloads.join(outside, on="_seq", how="inner"),
-            pl.lit("occurred_at"),
-            pl.lit(f"occurred_at is outside the batch window {window.start}..{window.end} ({timezone}), got ")
-            + pl.col("_day"),
-        )
-        dup_rejects = reject_rows(
-            payloads.join(superseded, on="_seq", how="inner"),
-            pl.lit("id"),
-            pl.lit(DUPLICATE_REASON),
-        )
-        currency_rejects = reject_rows(
-            payloads.join(mixed, on="_seq", how="inner"),
-            pl.lit("currency"),
-            pl.lit("customer mixes currencies in the week, kept the dominant currency ")
-            + pl.col("_dominant")
-            + pl.lit(" (most events, ties alphabetical), got ")
-            + pl.col("currency"),
-        )
-        # The rejects file: the contract's rejects (spooled, in _seq order when the parts are) merged with the
-        # week-level ones (few, in memory) into one _seq-ordered stream, written by Polars' streaming sink.
-        counted = pl.concat([contract_rejects, pl.concat([outside_rejects, currency_rejects]).lazy()])
-        week_level = pl.concat([outside_rejects, currency_rejects, dup_rejects]).sort("_seq")
-        if _in_seq_order(reject_files):
-            ordered = contract_rejects.merge_sorted(week_level.lazy(), key="_seq")
+        counts = [read.result() for read in reads]
+        # The rejects file: the contract's rejects and the week-level ones, each spooled in _seq order when the
+        # parts are, merged into one _seq-ordered stream by Polars' streaming sink (not held in memory).
+        week_files = [target for target in targets if target.exists()]
+        week_rejects = _scan_rejects(week_files)
+        if _in_seq_order(reject_files) and _in_seq_order(week_files):
+            ordered = contract_rejects.merge_sorted(week_rejects, key="_seq")
         else:  # raw parts out of receive order: sorting needs the rejects in memory
-            ordered = pl.concat([contract_rejects, week_level.lazy()]).sort("_seq")
+            ordered = pl.concat([contract_rejects, week_rejects]).sort("_seq")
+        counted = pl.concat([contract_rejects, week_rejects.filter(pl.col("reason") != DUPLICATE_REASON)])
         rejects_file = Path(spool_dir) / "rejects.parquet"
         ordered.sink_parquet(rejects_file, compression="zstd")
-        rejected, duplicates = counted.select(pl.len()).collect().item(), dup_rejects.height
+        rejected = counted.select(pl.len()).collect().item()
+        duplicates = sum(dups for _, dups in counts)
         if fetched != valid_rows + rejected + duplicates:
             raise IntegrityError(
                 f"transform lost or duplicated rows: fetched {fetched} != valid {valid_rows} + rejected {rejected} "

@@ -184,6 +184,22 @@ def test_rejects_stay_in_receive_order_when_only_the_rejected_parts_are_out_of_o
     assert lake.read_parquet(shuffled.rejects.url).get_column("_seq").to_list() == list(range(4, 12))
 
 
+def test_week_level_rejects_of_parts_out_of_order_stay_in_receive_order(lake):
+    """Parts given as [2, 0, 1] where parts 1 and 2 hold only events outside the window (an API ignoring the date
+    filter): the window rejects are spooled part by part and still come out in _seq order, with their payloads."""
+    inside = [ev(f"g{i}", amount=i) for i in range(4)]
+    later = [ev(f"o{i}", amount=i, at="2024-02-01T10:00:00Z") for i in range(8)]
+    refs = write_parts(lake, inside + later, part_size=4)
+    in_order = transform_week(lake, refs, WEEK, "in-order")
+    shuffled = transform_week(lake, [refs[2], refs[0], refs[1]], WEEK, "shuffled")
+    for name in ("valid", "rejects", "metrics"):
+        assert getattr(in_order, name).sha256 == getattr(shuffled, name).sha256
+    rejects = lake.read_parquet(shuffled.rejects.url)
+    assert rejects.get_column("_seq").to_list() == list(range(4, 12))
+    assert rejects.get_column("payload").to_list() == later
+    assert set(rejects.get_column("field")) == {"occurred_at"} and shuffled.rejected == 8
+
+
 def test_window_edges_in_a_non_utc_timezone(lake):
     tz = "America/New_York"  # UTC-5 in January
     payloads = [
