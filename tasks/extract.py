@@ -85,9 +85,11 @@ Clock = Callable[[], float]
 Progress = Callable[[int, int], None]
 PartHook = Callable[[FileRef, pl.DataFrame], None]
 FrameHook = Callable[[pl.DataFrame], None]
-RAW_COMPRESSION = "lz4"
-"""Raw parts are read back once by the transform: lz4 encodes ~2x cheaper than zstd (the fetch thread's CPU is
-the extract's bottleneck) for ~25% more bytes."""
+RAW_COMPRESSION = "zstd"
+RAW_COMPRESSION_LEVEL = 1
+"""Raw parts stay in the lake as the record of what the source sent. zstd level 1 without statistics: a 50k-row
+part of the demo's events is 1.18 MB against lz4's 2.17 MB, encoded in 13.7 ms against 16.0 ms and decoded in
+6.8 ms against 4.5 ms (the transform reads parts back for the week-level rejects' payloads)."""
 
 
 # --- Retry-After and backoff -------------------------------------------------------------------
@@ -712,7 +714,9 @@ def extract_window(
     in_flight: Future[FileRef] | None = None
 
     def write_part(frame: pl.DataFrame, name: str) -> FileRef:
-        ref = lake.write_parquet(frame, name, compression=RAW_COMPRESSION, statistics=False)
+        ref = lake.write_parquet(
+            frame, name, compression=RAW_COMPRESSION, compression_level=RAW_COMPRESSION_LEVEL, statistics=False
+        )
         log.debug("wrote raw part %s (%d rows)", redact_url(ref.url), ref.rows)
         if on_part is not None:
             on_part(ref, frame)

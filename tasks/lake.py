@@ -573,13 +573,19 @@ class LakeFS:
     # -- Parquet ---------------------------------------------------------------------------------------------------
 
     def write_parquet(
-        self, frame: pl.DataFrame, rel_or_url: str, *, compression: str = "zstd", statistics: bool = True
+        self,
+        frame: pl.DataFrame,
+        rel_or_url: str,
+        *,
+        compression: str = "zstd",
+        compression_level: int | None = None,
+        statistics: bool = True,
     ) -> FileRef:
-        """Write ``frame`` as Parquet (zstd by default; ``lz4`` for short-lived intermediate files, ~2x cheaper
-        to encode) and return its verified FileRef. ``statistics=False`` leaves out the column min/max (intermediate
-        files read whole: the min/max of long text columns costs ~30% of an lz4 write)."""
+        """Write ``frame`` as Parquet (zstd at Polars' default level unless told otherwise; ``lz4`` for short-lived
+        intermediate files) and return its verified FileRef. ``statistics=False`` leaves out the column min/max
+        (intermediate files read whole: the min/max of long text columns costs ~30% of an lz4 write)."""
         buf = io.BytesIO()
-        frame.write_parquet(buf, compression=compression, statistics=statistics)
+        frame.write_parquet(buf, compression=compression, compression_level=compression_level, statistics=statistics)
         return self.write_bytes(rel_or_url, buf.getvalue(), rows=frame.height)
 
     def read_parquet(self, rel_or_url: str, columns: list[str] | None = None) -> pl.DataFrame:

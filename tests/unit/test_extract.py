@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import logging
 import threading
 import time
@@ -11,6 +12,7 @@ from email.utils import format_datetime
 import httpx
 import orjson
 import polars as pl
+import pyarrow.parquet as pq
 import pytest
 import tenacity
 
@@ -159,6 +161,11 @@ def test_streaming_writes_many_small_parts_and_buffers_at_most_pages_per_file(
     assert [f.url.rsplit("/", 1)[1] for f in result.files][:2] == ["part-00000.parquet", "part-00001.parquet"]
     assert all("/raw/w1/part-" in f.url for f in result.files)
     assert _read_parts(lake, result)["_seq"].to_list() == list(range(2000))
+    # the raw zone keeps parts as zstd (level 1), without column statistics
+    meta = pq.ParquetFile(io.BytesIO(lake.read_bytes(result.files[0].url))).metadata.row_group(0)
+    columns = [meta.column(i) for i in range(meta.num_columns)]
+    assert {c.compression for c in columns} == {"ZSTD"}
+    assert all(c.statistics is None or not c.statistics.has_min_max for c in columns)
 
 
 # --- retries ----------------------------------------------------------------------------------
