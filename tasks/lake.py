@@ -358,22 +358,7 @@ class LakeFS:
         return self._write(rel_or_url, data, rows=rows, exclusive=False)
 
     def _write(self, rel_or_url: str, data: bytes, *, rows: int, exclusive: bool) -> FileRef:
-        url = self._url(rel_or_url)
-        path = self.fs._strip_protocol(url)
-        digest = sha256_bytes(data)
-        with self._guard("write", url):
-            if self.is_local:
-                _local_write(path, (data,), exclusive=exclusive)
-            elif self.is_blob:
-                mode = "xb" if exclusive else "wb"
-                with self.fs.open(path, mode, metadata={"sha256": digest, "rows": str(rows)}) as fh:
-                    fh.write(data)
-            else:
-                if exclusive and self.fs.exists(path):  # generic fsspec (memory://): not atomic, documented
-                    raise FileExistsError(path)
-                self.fs.pipe_file(path, data)
-        self._verify(url, path, digest, len(data))
-        return FileRef(url=url, rows=rows, sha256=digest, bytes=len(data))
+        return self._write_stream(rel_or_url, lambda: io.BytesIO(data), rows=rows, exclusive=exclusive)
 
     def write_file(self, rel_or_url: str, local_path: str | os.PathLike[str], *, rows: int = 0) -> FileRef:
         """:meth:`write_bytes` of a local file's content, streamed: memory does not grow with the file."""
@@ -396,6 +381,23 @@ class LakeFS:
         stores (a blob's metadata carries the SHA-256, needed before the upload) read the source twice, once to
         hash and check it and once to upload it, and check that the upload read the same bytes.
         """
+        return self._write_stream(
+            rel_or_url, open_source, rows=rows, sha256=sha256, size=size, source_name=source_name, exclusive=False
+        )
+
+    def _write_stream(
+        self,
+        rel_or_url: str,
+        open_source: Callable[[], IO[bytes]],
+        *,
+        rows: int,
+        exclusive: bool,
+        sha256: str | None = None,
+        size: int | None = None,
+        source_name: str = "source",
+    ) -> FileRef:
+        """:meth:`write_stream`; ``exclusive``: fail with FileExistsError when the target exists (atomic locally and
+        on blobs, ``If-None-Match: *``; checked before the write on other fsspec stores)."""
         url = self._url(rel_or_url)
         path = self.fs._strip_protocol(url)
 
@@ -430,11 +432,13 @@ class LakeFS:
                     if sha256 is not None and (h.hexdigest() != sha256 or (size is not None and seen[0] != size)):
                         raise mismatch(h.hexdigest(), seen[0])  # before the rename: nothing is written
 
-                _local_write(path, checked(), exclusive=False)
+                _local_write(path, checked(), exclusive=exclusive)
                 digest, length = h.hexdigest(), seen[0]
             else:
                 kwargs = {"metadata": {"sha256": digest, "rows": str(rows)}} if self.is_blob else {}
-                with self.fs.open(path, "wb", **kwargs) as fh:
+                if exclusive and not self.is_blob and self.fs.exists(path):  # generic fsspec: not atomic
+                    raise FileExistsError(path)
+                with self.fs.open(path, "xb" if exclusive and self.is_blob else "wb", **kwargs) as fh:
                     for chunk in read_hashed(src, h, seen):
                         fh.write(chunk)
                 if (h.hexdigest(), seen[0]) != (digest, length):
