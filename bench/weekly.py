@@ -437,7 +437,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter
     )
-    parser.add_argument("--sizes", default="100000,1000000", help="comma-separated N values (default 100000,1000000)")
+    parser.add_argument("--sizes", default=None, help="comma-separated N values (default 100000,1000000)")
     parser.add_argument("--quick", action="store_true", help="smoke run: N = 5,000 unless --sizes is given")
     parser.add_argument(
         "--variants", default="a,b,c", help="subset of a,b,s,c (default a,b,c; s = (b) with the stages in sequence)"
@@ -459,7 +459,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--rounds",
         type=int,
-        default=3,
+        default=None,
         help="rounds per N (default 3; 1 with --quick): every variant runs once per round, in a rotated order;\n"
         "the table shows each variant's median run and the ratios are of medians (this machine is noisy)",
     )
@@ -473,12 +473,10 @@ def main(argv: list[str] | None = None) -> int:
         child_main(args.child, args.url, args.n, Path(args.workdir))
         return 0
 
-    explicit_sizes = any(a == "--sizes" or a.startswith("--sizes=") for a in (argv or sys.argv[1:]))
-    sizes = [int(s.replace("_", "")) for s in args.sizes.split(",") if s.strip()]
-    if args.quick and not explicit_sizes:
-        sizes = [5000]
-    explicit_rounds = any(a == "--rounds" or a.startswith("--rounds=") for a in (argv or sys.argv[1:]))
-    rounds = 1 if args.quick and not explicit_rounds else args.rounds
+    # --quick changes the defaults only: an explicit --sizes/--rounds wins
+    sizes_text = args.sizes if args.sizes is not None else ("5000" if args.quick else "100000,1000000")
+    sizes = [int(s.replace("_", "")) for s in sizes_text.split(",") if s.strip()]
+    rounds = args.rounds if args.rounds is not None else (1 if args.quick else 3)
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     unknown = [v for v in variants if v not in RUNNERS]
     if unknown or not variants or any(n <= 0 for n in sizes) or rounds < 1:

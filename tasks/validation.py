@@ -534,8 +534,8 @@ class PartValidator:
     def submit(self, ref: FileRef, frame: pl.DataFrame) -> None:
         """Validate the raw part ``ref`` whose rows are ``frame`` (RAW_SCHEMA), unless :meth:`start` already
         did; returns once its chunks are queued."""
-        started = self._started.pop(id(frame), None)
-        chunks = started[1] if started is not None and started[0] is frame else self._check(frame)
+        started = self._started.pop(id(frame), None)  # the id is unique: start() keeps the frame alive
+        chunks = started[1] if started is not None else self._check(frame)
         self._parts.append(self._writer.submit(self._store, ref, chunks))
 
     def _check(self, frame: pl.DataFrame) -> list[Future[tuple[pl.DataFrame, pl.DataFrame]]]:
