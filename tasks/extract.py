@@ -527,6 +527,7 @@ def extract_window(
     on_progress: Progress | None = None,
     on_part: PartHook | None = None,
     on_frame: FrameHook | None = None,
+    frame_rows: int | None = None,
     sleep: Sleep = time.sleep,
     clock: Clock = time.monotonic,
 ) -> ExtractResult:
@@ -538,12 +539,19 @@ def extract_window(
     pages being buffered, one part being written and the prefetched pages. ``on_progress(pages, rows)`` is
     called after each page (in the calling thread). ``on_frame(frame)`` is called with each raw part's frame as
     soon as it is built, in the calling thread, before the writer thread encodes and writes it: a consumer can
-    start on the rows before the write ends. ``on_part(ref, frame)`` is then called with the same frame object
-    right after the part is written, in the writer thread (the weekly flow checks the rows from ``on_frame`` on,
-    and binds the checks to the written part in ``on_part``, see ``tasks.validation.PartValidator``); while it
-    runs, the next part waits. ``sleep``/``clock`` are injectable (tests); ``client`` may be shared (the block's
+    start on the rows before the write ends. With ``frame_rows``, the part's rows are announced sooner, in
+    slices: ``on_frame`` is called each time at least that many rows have been buffered since the last slice (at
+    a page boundary), and with the part's remaining rows when the part is complete; the part's frame is then
+    the slices' concatenation. ``on_part(ref, frame)`` is called with the part's frame right after the part is
+    written, in the writer thread (the weekly flow checks the rows from ``on_frame`` on, and binds the checks to
+    the written part in ``on_part``, see ``tasks.validation.PartValidator``); while it runs, the next part
+    waits. The slices announced before an ``on_part`` are exactly that part's rows, in order; ``on_frame`` of
+    the next part's slices may run before the previous part's ``on_part`` has returned, but never the whole
+    next part's. ``sleep``/``clock`` are injectable (tests); ``client`` may be shared (the block's
     timeout and auth headers are applied per request); one is created and closed here when omitted.
     """
+    if frame_rows is not None and frame_rows < 1:
+        raise ValueError(f"frame_rows must be >= 1, got {frame_rows}")
     log = logger or logging.getLogger(__name__)
     prefix = prefix.rstrip("/")
     own_client = client is None
@@ -552,7 +560,10 @@ def extract_window(
     segments: list[bytes] = []
     page_ids: list[int] = []
     counts: list[int] = []
+    slices: list[pl.DataFrame] = []  # the current part's rows announced so far (on_frame)
+    sliced = 0  # rows of the current part in ``slices``
     buffered_pages = 0
+    unsliced = 0  # rows in ``segments``
     pages = rows = 0
     written = 0  # rows already handed to the writer
     parts = 0  # parts handed to the writer
@@ -579,17 +590,27 @@ def extract_window(
             done, in_flight = in_flight, None
             files.append(done.result())
 
-    def flush() -> None:
-        nonlocal segments, page_ids, counts, buffered_pages, written, parts, in_flight
+    def cut() -> None:
+        """The buffered pages -> one slice of the current part, announced to ``on_frame``."""
+        nonlocal segments, page_ids, counts, unsliced, sliced
         if segments:
-            frame = raw_frame_of_pages(segments, page_ids, counts, written)
-            collect()
-            if on_frame is not None:  # before the write is handed over: on_part cannot overtake it
+            frame = raw_frame_of_pages(segments, page_ids, counts, written + sliced)
+            if on_frame is not None:  # before the part's write is handed over: on_part cannot overtake it
                 on_frame(frame)
+            slices.append(frame)
+            sliced += frame.height
+        segments, page_ids, counts, unsliced = [], [], [], 0
+
+    def flush() -> None:
+        nonlocal slices, sliced, buffered_pages, written, parts, in_flight
+        collect()  # the previous part's write (and its on_part) first
+        cut()
+        if slices:
+            frame = slices[0] if len(slices) == 1 else pl.concat(slices, rechunk=False)
             in_flight = writer.submit(write_part, frame, f"{prefix}/part-{parts:05d}.parquet")
             written += frame.height
             parts += 1
-        segments, page_ids, counts, buffered_pages = [], [], [], 0
+        slices, sliced, buffered_pages = [], 0, 0
 
     def make_pages(wait: Sleep) -> Iterator[Page]:
         return fetch_pages(source, window, client=http, logger=log, sleep=wait, clock=clock, verbatim=True)
@@ -602,11 +623,14 @@ def extract_window(
                 segments.append(join(page.records if page.verbatim else map(dumps, page.records)))
                 page_ids.append(page.index)
                 counts.append(n)
+                unsliced += n
             buffered_pages += 1
             pages += 1
             rows += n
             if buffered_pages >= source.pages_per_file:
                 flush()
+            elif frame_rows is not None and unsliced >= frame_rows:
+                cut()
             if on_progress is not None:
                 on_progress(pages, rows)
         flush()

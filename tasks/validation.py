@@ -19,9 +19,10 @@ as the oracle on every record). How raw rows are checked (:func:`validate_chunk`
    the human reason strings are built for the failing rows only.
 
 The check depends on nothing but the raw part, so it can run early: the weekly flow's extract hands each raw
-part to a :class:`PartValidator` as soon as its rows are buffered (:func:`extract_and_check`), which checks it
-on the cores the fetching leaves idle and stores the result next to the week's staging files
-(:class:`tasks.models.ValidatedPart`, bound to the raw part's SHA-256 and to :func:`validation_fingerprint`).
+part's rows to a :class:`PartValidator` in slices of ``CHUNK_ROWS``, as soon as each slice is buffered
+(:func:`extract_and_check`), which checks them on the cores the fetching leaves idle and stores the result next
+to the week's staging files (:class:`tasks.models.ValidatedPart`, bound to the raw part's SHA-256 and to
+:func:`validation_fingerprint`).
 ``tasks.transform.transform_week`` reuses those checks and validates only the raw parts that have none (or a
 stale one).
 """
@@ -34,6 +35,7 @@ import io
 import logging
 import os
 import threading
+from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
@@ -487,15 +489,15 @@ def _package_version() -> str:
 class PartValidator:
     """Runs the contract check of each raw part while the extract is still fetching the next ones.
 
-    The extract calls :meth:`start` with each raw part's rows as soon as they are buffered (``on_frame``),
-    then :meth:`submit` with the written part (from its writer thread, ``on_part``; see
-    ``tasks.extract.extract_window``); :meth:`submit` alone also works. The part is cut into ``CHUNK_ROWS``
-    chunks for a pool of ``workers`` threads (Polars releases the GIL, so this runs on the cores the fetch leaves
-    idle). A writer thread then stores each part's results as two files, ``{prefix}/<part>.valid.parquet`` and
-    ``.rejects.parquet`` (lz4). :meth:`finish` returns one :class:`ValidatedPart` per part whose files were
-    stored; the transform stage uses them instead of validating those raw parts again. This is only an
-    optimization: a part whose files could not be stored is left out with a warning, and the transform validates
-    it from the raw part.
+    The extract calls :meth:`start` with each raw part's rows as soon as they are buffered, in slices of
+    ``CHUNK_ROWS`` (``on_frame``, ``frame_rows``), then :meth:`submit` with the written part (from its writer
+    thread, ``on_part``; see ``tasks.extract.extract_window``), which binds the part to the checks of its slices;
+    :meth:`submit` alone also works. Rows are checked in ``CHUNK_ROWS`` chunks on a pool of ``workers`` threads
+    (Polars releases the GIL, so this runs on the cores the fetch leaves idle). A writer thread then stores each
+    part's results as two files, ``{prefix}/<part>.valid.parquet`` and ``.rejects.parquet`` (lz4). :meth:`finish`
+    returns one :class:`ValidatedPart` per part whose files were stored; the transform stage uses them instead of
+    validating those raw parts again. This is only an optimization: a part whose files could not be stored is
+    left out with a warning, and the transform validates it from the raw part.
 
     Memory: at most ``workers`` chunks are being validated; :meth:`start` and :meth:`submit` block beyond that,
     which slows the extract down rather than letting results pile up. Use as a context manager (or call
@@ -518,7 +520,9 @@ class PartValidator:
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="validate-store")
         self._slots = threading.Semaphore(workers)
         self._parts: list[Future[ValidatedPart]] = []
-        self._started: dict[int, tuple[pl.DataFrame, list[Future[tuple[pl.DataFrame, pl.DataFrame]]]]] = {}
+        # frames started and not yet bound to a written part, in start order: (first _seq, rows, chunk futures)
+        self._started: deque[tuple[int | None, int, list[Future[tuple[pl.DataFrame, pl.DataFrame]]]]] = deque()
+        self._lock = threading.Lock()  # start() runs in the extract's thread, submit() in its writer thread
 
     def __enter__(self) -> PartValidator:
         return self
@@ -527,16 +531,39 @@ class PartValidator:
         self.close()
 
     def start(self, frame: pl.DataFrame) -> None:
-        """Start checking a raw part's rows before the part is written (``extract_window(on_frame=...)``); the
-        :meth:`submit` of the same frame object then only binds the written part to these checks."""
-        self._started[id(frame)] = (frame, self._check(frame))  # the frame is kept: its id stays unique
+        """Start checking rows of a raw part before the part is written (``extract_window(on_frame=...)``): the
+        whole part's frame, or consecutive slices of it (``frame_rows``). The :meth:`submit` of the part then only
+        binds the written part to these checks."""
+        futures = self._check(frame)
+        with self._lock:
+            self._started.append((_first_seq(frame), frame.height, futures))
 
     def submit(self, ref: FileRef, frame: pl.DataFrame) -> None:
         """Validate the raw part ``ref`` whose rows are ``frame`` (RAW_SCHEMA), unless :meth:`start` already
-        did; returns once its chunks are queued."""
-        started = self._started.pop(id(frame), None)  # the id is unique: start() keeps the frame alive
-        chunks = started[1] if started is not None else self._check(frame)
+        did (the frames started first, in order, that hold exactly these rows); returns once its chunks are
+        queued."""
+        chunks = self._bind(frame)
+        if chunks is None:
+            chunks = self._check(frame)
         self._parts.append(self._writer.submit(self._store, ref, chunks))
+
+    def _bind(self, frame: pl.DataFrame) -> list[Future[tuple[pl.DataFrame, pl.DataFrame]]] | None:
+        """The started checks of ``frame``'s rows: the oldest started frames, as long as they begin at its first
+        ``_seq`` and add up to its rows; None (and those left started) when they do not."""
+        with self._lock:
+            if not self._started or self._started[0][0] != _first_seq(frame):
+                return None
+            taken, rows = 0, 0
+            for _, height, _ in self._started:
+                if rows >= frame.height:
+                    break
+                taken, rows = taken + 1, rows + height
+            if rows != frame.height:
+                return None
+            chunks: list[Future[tuple[pl.DataFrame, pl.DataFrame]]] = []
+            for _ in range(taken):
+                chunks += self._started.popleft()[2]
+            return chunks
 
     def _check(self, frame: pl.DataFrame) -> list[Future[tuple[pl.DataFrame, pl.DataFrame]]]:
         chunks: list[Future[tuple[pl.DataFrame, pl.DataFrame]]] = []
@@ -589,6 +616,10 @@ class PartValidator:
         self._writer.shutdown(wait=True, cancel_futures=True)
 
 
+def _first_seq(frame: pl.DataFrame) -> int | None:
+    return frame.item(0, "_seq") if frame.height else None
+
+
 def extract_and_check(
     source: SourceApi,
     window: Window,
@@ -615,6 +646,7 @@ def extract_and_check(
             logger=logger,
             on_frame=validator.start,
             on_part=validator.submit,
+            frame_rows=CHUNK_ROWS,
             **kwargs,
         )
         result.validated = validator.finish()

@@ -637,12 +637,89 @@ def test_on_frame_sees_each_part_before_on_part_and_the_validator_starts_early(
 
             result = _run(source, lake, fake_time, prefix=f"raw-{early}", on_frame=on_frame, on_part=on_part)
             stored[early] = [(p.valid.sha256, p.rejects.sha256, p.raw.sha256) for p in validator.finish()]
-            assert validator._started == {}  # every started frame was bound to its written part
+            assert not validator._started  # every started frame was bound to its written part
         assert len(events) == 2 * len(result.files) == 8
         for k in range(0, 8, 2):  # each frame is announced, then the same object comes back as written
             assert events[k][0] == "frame" and events[k + 1] == ("part", events[k][1])
         events.clear()
     assert stored[True] == stored[False] and len(stored[True]) == 4
+
+
+def test_frame_rows_announces_each_part_in_slices_that_the_validator_binds_to_the_part(
+    source_api, make_source_api, lake, fake_time
+):
+    """With frame_rows the rows are announced in slices as soon as that many are buffered (at page boundaries),
+    each part's slices before its on_part; a PartValidator started on the slices stores the same checks as one
+    that only sees the written parts, and the transform reuses them to the same files."""
+    from tasks.transform import transform_week
+    from tasks.validation import PartValidator
+
+    source_api.config.total = 1050
+    source = make_source_api("offset", page_size=100, pages_per_file=5)  # parts of 500, 500, 50 rows
+    stored, results = {}, {}
+    for sliced in (True, False):
+        events: list[tuple] = []
+        with PartValidator(lake, f"staging/parts-{sliced}") as validator:
+
+            def on_frame(frame, validator=validator, events=events, sliced=sliced):
+                events.append(("frame", frame.height, frame.item(0, "_seq")))
+                if sliced:
+                    validator.start(frame)
+
+            def on_part(ref, frame, validator=validator, events=events):
+                events.append(("part", frame.height, frame.item(0, "_seq")))
+                validator.submit(ref, frame)
+
+            result = _run(
+                source,
+                lake,
+                fake_time,
+                prefix=f"raw-{sliced}",
+                on_frame=on_frame,
+                on_part=on_part,
+                frame_rows=200 if sliced else None,
+            )
+            result.validated = validator.finish()
+            assert not validator._started
+        results[sliced] = result
+        stored[sliced] = [(p.valid.sha256, p.rejects.sha256, p.raw.sha256) for p in result.validated]
+        frames = [e for e in events if e[0] == "frame"]
+        if sliced:  # 200-row slices at page boundaries, the rest of each part when it is complete
+            assert [h for _, h, _ in frames] == [200, 200, 100, 200, 200, 100, 50]
+        else:
+            assert [h for _, h, _ in frames] == [500, 500, 50]
+        assert [(h, s) for kind, h, s in events if kind == "part"] == [(500, 0), (500, 500), (50, 1000)]
+        seqs = [s for _, _, s in frames]
+        assert seqs == sorted(seqs) and [s + h for _, h, s in frames][-1] == 1050  # contiguous, in order
+    assert stored[True] == stored[False] and len(stored[True]) == 3
+    assert [f.sha256 for f in results[True].files] == [f.sha256 for f in results[False].files]
+    reused = transform_week(lake, results[True].files, WEEK, "out-reused", validated=results[True].validated)
+    plain = transform_week(lake, results[True].files, WEEK, "out-plain")
+    assert (reused.valid.sha256, reused.rejects.sha256) == (plain.valid.sha256, plain.rejects.sha256)
+
+
+def test_a_part_whose_rows_were_not_started_as_such_is_checked_again(lake):
+    """submit binds started frames only when they begin at the part's first _seq and hold exactly its rows;
+    otherwise the part is checked from its own rows (the stale starts are left, never bound to another part)."""
+    from tasks.validation import PartValidator
+
+    payloads = [orjson.dumps(r).decode() for r in EventSource(date(2024, 1, 1), 300).page(0, 300)]
+    raw = pl.DataFrame(
+        {"_seq": list(range(300)), "_page": [i // 100 for i in range(300)], "payload": payloads},
+        schema={"_seq": pl.Int64, "_page": pl.Int64, "payload": pl.String},
+    )
+    part = raw.slice(0, 200)
+    ref = lake.write_parquet(part, "raw/part-00000.parquet")
+    with PartValidator(lake, "checks-plain") as plain:
+        plain.submit(ref, part)
+        expected = [(p.valid.sha256, p.rejects.sha256, p.valid.rows) for p in plain.finish()]
+    for started in ([raw.slice(0, 150), raw.slice(150, 150)], [raw.slice(100, 100)]):  # overshoots / wrong start
+        with PartValidator(lake, f"checks-{len(started)}") as validator:
+            for frame in started:
+                validator.start(frame)
+            validator.submit(ref, part)
+            got = [(p.valid.sha256, p.rejects.sha256, p.valid.rows) for p in validator.finish()]
+        assert got == expected
 
 
 def test_an_extract_that_fails_stops_the_validator_cleanly(source_api, make_source_api, lake, fake_time):
