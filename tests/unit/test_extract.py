@@ -503,6 +503,32 @@ def test_parse_page_splits_records_verbatim_and_parses_the_rest():
 
 
 @pytest.mark.parametrize(
+    "content",
+    [
+        b'{"data":[{"id":"a"},{"id":"b"}],"links":[{"rel":"next","href":"/x"},1],"total":2}',  # another list
+        b'{"data":[{"id":"a"}],"meta":{"pages":[1,{"b":2}],"next":null},"s":"\\"q","f":1.5,"t":true}',
+        b'{"data":[{"id":"a"}],"data":[{"id":"b"},{"id":"c"}]}',  # a repeated key: the last one, as orjson
+        b'{"data":[],"next_cursor":"abc"}',
+    ],
+)
+def test_parse_page_splits_the_records_and_parses_every_other_key_like_orjson(content):
+    """Whichever way the page is decoded (one pass, or two when another key holds a list), the records are their
+    exact texts and every other key is what orjson reads."""
+    body, verbatim = parse_page(content, "data")
+    expected = orjson.loads(content)
+    assert verbatim and set(body) == set(expected)
+    assert [orjson.loads(bytes(r)) for r in body["data"]] == expected["data"]
+    assert {k: v for k, v in body.items() if k != "data"} == {k: v for k, v in expected.items() if k != "data"}
+
+
+def test_parse_page_finds_an_escape_after_other_backslashes():
+    """A page with backslashes is searched for a \\u escape (the fast check only skips pages without any)."""
+    late = b'{"data":[{"id":"q\\"1"},{"id":"' + b"x" * 5000 + b'\\u00e9"}]}'
+    assert parse_page(late, "data") == (orjson.loads(late), False)
+    assert parse_page(late.replace(b"\\u00e9", b"e"), "data")[1]
+
+
+@pytest.mark.parametrize(
     ("content", "key"),
     [
         (b'{\n  "data": [{"id": "a"}]\n}', "data"),  # pretty-printed: line breaks
