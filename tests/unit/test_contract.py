@@ -127,6 +127,24 @@ def test_boundaries():
 nasty_text = st.text(alphabet=st.characters(codec="utf-8"), max_size=12) | st.sampled_from(
     ["", " ", "\t x \n", "\x00", "é", "日本", "\u2028", "{}", "[1]", "true", "12", "{", '"', "\\", "\ud800"]
 )
+
+
+@pytest.mark.parametrize(
+    "metadata",
+    [
+        {"path": "C:\\dir\\file", "tab": "a\tb", "quote": 'say "hi"', "nl": "x\ny"},  # escapes in the source
+        {"nested": {"id": 5, "metadata": [1, {"k": None}]}, "f": 1.5, "big": 2**70},
+        {},
+    ],
+)
+def test_metadata_is_stored_as_json_of_the_same_value(metadata):
+    from tasks.validation import validate_chunk
+
+    payloads = [with_(metadata=metadata), with_(metadata=metadata, id="evt_2") + " "]
+    good, _ = validate_chunk(pl.DataFrame({"_seq": [0, 1], "_page": [0, 0], "payload": payloads}))
+    assert [json.loads(text) for text in good.get_column("metadata")] == [metadata, metadata]
+
+
 json_scalar = st.none() | st.booleans() | st.integers(-(10**30), 10**30) | st.floats(allow_nan=False) | nasty_text
 json_value = st.recursive(
     json_scalar,
