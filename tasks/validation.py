@@ -8,11 +8,12 @@ as the oracle on every record). How raw rows are checked (:func:`validate_chunk`
    starting with ``{``, containing a raw newline or a ``\\u`` escape) are marked for the slow path.
 2. Fast path: the chunk's payloads (slow rows blanked to ``{}`` to keep lines aligned) are written as NDJSON
    and read ONCE by ``pl.read_ndjson`` with an all-String schema (``ignore_errors=True``: a field of the wrong
-   JSON type reads as its text). Whether ``id`` and ``customer_id`` were JSON strings and ``metadata`` a JSON
-   object is read off the raw text with cheap literal checks (``"id":"`` present and ``"id"`` occurring
-   once). Rows where that is ambiguous (a nested key of the same name, odd spacing) go to the slow path, and
-   so does metadata from a payload with a backslash (Polars' text of an object read as String drops the
-   escapes).
+   JSON type reads as its text). Whether ``id`` and ``customer_id`` were JSON strings is told by the value read
+   where it can be (``evt_1`` cannot be the text of a number, boolean, array or object), else, like whether
+   ``metadata`` was a JSON object, off the raw text with cheap literal checks (``"id":"`` present and ``"id"``
+   occurring once). Rows where that is ambiguous (a nested key of the same name, odd spacing) go to the slow
+   path, and so does metadata from a payload with a backslash (Polars' text of an object read as String drops
+   the escapes).
    A chunk Polars refuses (invalid JSON somewhere) is bisected down to small row ranges, which go to the
    slow path.
 3. Slow path (rare): :func:`tasks.contract.parse_payload` per row, producing the same columns, scattered
@@ -171,6 +172,41 @@ def _key_checks(key: str, kind: str) -> pl.Expr:
     )
 
 
+_NON_STRING_TEXT = r"^(?:[-0-9\[{]|true$|false$)"
+"""What a JSON number, boolean, array or object reads as in a String column: text that does not match this can only
+have been a JSON string (null reads as null)."""
+
+
+def _json_types(frame: pl.DataFrame) -> pl.DataFrame:
+    """Add the flags that tell, where it is certain, that ``id``/``customer_id`` were JSON strings and ``metadata``
+    a JSON object (False: not shown, the caller then asks the contract's parser).
+
+    For the ids the value read proves it for most rows: an id read as ``evt_1`` cannot have been a number, a
+    boolean, an array or an object. Only the rows where the value cannot tell (an id that reads like a number,
+    ``true``, or starts with ``[`` or ``{``) get the raw-text scans of :func:`_key_checks`. Metadata read as text
+    starting with ``{`` may have been an object or a string, so it is always scanned (when any row has one).
+    """
+
+    def plain(name: str) -> pl.Expr:
+        return pl.col(name).is_not_null() & ~pl.col(name).str.contains(_NON_STRING_TEXT)
+
+    flags = frame.select(
+        plain("id").alias("id_is_str"),
+        plain("customer_id").alias("customer_id_is_str"),
+        _key_checks("metadata", "o").alias("metadata_is_obj")
+        if frame.select(pl.col("metadata").str.starts_with("{").any()).item()
+        else pl.repeat(False, frame.height, dtype=pl.Boolean).alias("metadata_is_obj"),
+    )
+    columns = []
+    for name, flag in (("id", "id_is_str"), ("customer_id", "customer_id_is_str")):
+        column = flags.get_column(flag)
+        scan = (frame.get_column(name).is_not_null() & ~column).arg_true()
+        if scan.len():  # the value cannot tell: the raw text may
+            column.scatter(scan, frame[scan].select(_key_checks(name, "s")).to_series())
+        columns.append(column)
+    return frame.with_columns(*columns, flags.get_column("metadata_is_obj"))
+
+
 def _needs_slow_path(raw: pl.DataFrame) -> pl.Series:
     p = pl.col("payload")
     return raw.select(
@@ -201,11 +237,8 @@ def extract_fields(raw: pl.DataFrame) -> pl.DataFrame:
             slow = pl.repeat(True, raw.height, eager=True)
             decoded = _read_ndjson(lines_for(slow))
     assert decoded is not None
-    frame = pl.concat([raw, decoded], how="horizontal").with_columns(
-        pl.lit(None, pl.String).alias("payload_error"),
-        _key_checks("id", "s").alias("id_is_str"),
-        _key_checks("customer_id", "s").alias("customer_id_is_str"),
-        _key_checks("metadata", "o").alias("metadata_is_obj"),
+    frame = _json_types(pl.concat([raw, decoded], how="horizontal")).with_columns(
+        pl.lit(None, pl.String).alias("payload_error")
     )
     ambiguous = frame.select(
         (pl.col("id").is_not_null() & ~pl.col("id_is_str"))

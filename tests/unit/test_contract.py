@@ -127,6 +127,29 @@ def test_boundaries():
 nasty_text = st.text(alphabet=st.characters(codec="utf-8"), max_size=12) | st.sampled_from(
     ["", " ", "\t x \n", "\x00", "é", "日本", "\u2028", "{}", "[1]", "true", "12", "{", '"', "\\", "\ud800"]
 )
+ID_LOOKALIKES = ["12", "-1", "1e5", "true", "false", "[1]", "{x", "{}", "null", "evt_1", "tru", "truex"]
+NON_STRINGS = [12, -1.5, True, False, [1], {"a": 1}, {}]
+
+
+@pytest.mark.parametrize("field", ["id", "customer_id"])
+def test_ids_that_read_like_other_json_types_are_told_apart_from_them(field):
+    """A string id that reads like a number, a boolean, an array or an object is a valid id (its raw text shows
+    the quotes), the JSON values themselves are rejected, with or without metadata in the record, and a
+    reject's event_id is the id only when it was a string."""
+    from tasks.validation import validate_chunk
+
+    cases = [(v, True) for v in ID_LOOKALIKES] + [(v, False) for v in NON_STRINGS]
+    payloads = [with_(**{field: value}) for value, _ in cases]
+    payloads += [with_(**{field: value, "metadata": ...}) for value, _ in cases]
+    expected = [validate_payload(p)[1] for p in payloads]
+    assert [f for f, _ in vectorized(payloads)] == expected
+    assert expected == [None if is_str else field for _, is_str in cases] * 2
+    raw = pl.DataFrame({"_seq": range(len(payloads)), "_page": [0] * len(payloads), "payload": payloads})
+    good, bad = validate_chunk(raw)
+    assert good.height == 2 * len(ID_LOOKALIKES) and bad.height == 2 * len(NON_STRINGS)
+    if field == "id":
+        assert good.get_column("id").to_list() == ID_LOOKALIKES * 2
+        assert bad.get_column("event_id").to_list() == [None] * len(bad)
 
 
 @pytest.mark.parametrize(
@@ -143,6 +166,12 @@ def test_metadata_is_stored_as_json_of_the_same_value(metadata):
     payloads = [with_(metadata=metadata), with_(metadata=metadata, id="evt_2") + " "]
     good, _ = validate_chunk(pl.DataFrame({"_seq": [0, 1], "_page": [0, 0], "payload": payloads}))
     assert [json.loads(text) for text in good.get_column("metadata")] == [metadata, metadata]
+
+
+def test_metadata_that_is_a_string_reading_like_an_object_is_rejected():
+    [(field, reason)] = vectorized([with_(metadata='{"k": "v"}')])
+    assert (field, reason) == ("metadata", "metadata must be an object or null, got scalar")
+    assert validate_payload(with_(metadata='{"k": "v"}'))[1] == "metadata"
 
 
 json_scalar = st.none() | st.booleans() | st.integers(-(10**30), 10**30) | st.floats(allow_nan=False) | nasty_text
@@ -275,3 +304,15 @@ def test_vectorized_normalizes_like_pydantic():
         record.amount,
     )
     assert row["occurred_at"] == record.occurred_at
+
+
+def test_ids_that_read_like_numbers_stay_on_the_fast_path(monkeypatch):
+    """Numeric-looking string ids (common in real APIs) are told apart by the raw text, not by the per-row parser."""
+    import tasks.validation as validation
+
+    slow_rows = []
+    real = validation._slow_extract
+    monkeypatch.setattr(validation, "_slow_extract", lambda frame: slow_rows.append(frame.height) or real(frame))
+    payloads = [with_(id=str(n), customer_id=str(-n)) for n in range(50)] + [with_(id=7)]
+    assert [f for f, _ in vectorized(payloads)] == [None] * 50 + ["id"]
+    assert slow_rows == [1]  # only the number 7
