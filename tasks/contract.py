@@ -104,7 +104,7 @@ def json_text(value: Any) -> str | None:
         return str(value)
     if isinstance(value, float):
         return repr(value)
-    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+    return json.dumps(value, ensure_ascii=False)  # with Polars' spacing: {"k": "v", "n": [1, 2]}
 
 
 def _first_wins(pairs: list[tuple[str, Any]]) -> dict[str, Any]:

@@ -316,3 +316,15 @@ def test_ids_that_read_like_numbers_stay_on_the_fast_path(monkeypatch):
     payloads = [with_(id=str(n), customer_id=str(-n)) for n in range(50)] + [with_(id=7)]
     assert [f for f, _ in vectorized(payloads)] == [None] * 50 + ["id"]
     assert slow_rows == [1]  # only the number 7
+
+
+def test_metadata_text_is_the_same_on_both_paths():
+    """The per-row path (here: a \\u escape elsewhere in the record) renders metadata like Polars' reader does."""
+    from tasks.validation import validate_chunk
+
+    metadata = {"k": "v", "n": [1, 2, None], "o": {"a": True}}
+    payloads = [with_(metadata=metadata), with_(metadata=metadata, note="é").replace("é", "\\u00e9")]
+    assert "\\u00e9" in payloads[1]
+    good, _ = validate_chunk(pl.DataFrame({"_seq": [0, 1], "_page": [0, 0], "payload": payloads}))
+    fast, slow = good.get_column("metadata").to_list()
+    assert fast == slow and json.loads(fast) == metadata
