@@ -243,7 +243,13 @@ def _good_value(name):
         "amount": st.floats(0, 1000, allow_nan=False) | st.integers(0, 1000),
         "currency": st.sampled_from(["usd", "EUR", "jpy"]),
         "occurred_at": st.sampled_from(["2024-01-03T10:00:00+02:00", "2024-01-07T23:59:59Z"]),
-        "metadata": st.none() | st.just({"k": "v"}),
+        "metadata": st.none()
+        | st.just({"k": "v"})
+        | st.dictionaries(  # values with escapes in their JSON text (backslash, tab, quote), nested, a float
+            st.sampled_from(["k", "path", "n", "id"]),
+            st.sampled_from(["C:\\dir", "a\tb", 'say "hi"', "x/y", 1.5, 2, [1, {"z": None}], {"metadata": "m"}]),
+            max_size=3,
+        ),
     }[name]
 
 
@@ -328,3 +334,37 @@ def test_metadata_text_is_the_same_on_both_paths():
     good, _ = validate_chunk(pl.DataFrame({"_seq": [0, 1], "_page": [0, 0], "payload": payloads}))
     fast, slow = good.get_column("metadata").to_list()
     assert fast == slow and json.loads(fast) == metadata
+
+
+@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(st.lists(payloads(), min_size=1, max_size=40))
+def test_vectorized_values_agree_with_pydantic_oracle(batch):
+    """Not only which rows pass: every valid row's normalized values (metadata as the JSON value it reads back
+    as) are the pydantic record's, and a reject's event_id is the payload's id when that was a JSON string."""
+    from tasks.contract import parse_payload
+    from tasks.validation import validate_chunk
+
+    raw = pl.DataFrame(
+        {"_seq": range(len(batch)), "_page": [0] * len(batch), "payload": batch},
+        schema={"_seq": pl.Int64, "_page": pl.Int64, "payload": pl.String},
+    )
+    good, bad = validate_chunk(raw)
+    rows = {row["_seq"]: row for row in good.iter_rows(named=True)}
+    rejected = {row["_seq"]: row for row in bad.iter_rows(named=True)}
+    assert set(rows) | set(rejected) == set(range(len(batch))) and not set(rows) & set(rejected)
+    for seq, payload in enumerate(batch):
+        record, _, _ = validate_payload(payload)
+        if record is None:
+            assert seq in rejected
+            try:
+                value = parse_payload(payload)
+            except ValueError:
+                value = None
+            expected_id = value.get("id") if isinstance(value, dict) else None
+            assert rejected[seq]["event_id"] == (expected_id if isinstance(expected_id, str) else None), payload
+            continue
+        row = rows[seq]
+        got = (row["id"], row["customer_id"], row["event_type"], row["amount"], row["currency"], row["occurred_at"])
+        want = (record.id, record.customer_id, record.event_type, record.amount, record.currency, record.occurred_at)
+        assert got == want, payload
+        assert (json.loads(row["metadata"]) if row["metadata"] is not None else None) == record.metadata, payload
