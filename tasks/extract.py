@@ -222,10 +222,8 @@ class Page(NamedTuple):
     parsed values (see :func:`parse_page`)."""
 
 
-_TOP_LEVEL = msgspec.json.Decoder(dict[str, msgspec.Raw])
-_RAW_LIST = msgspec.json.Decoder(list[msgspec.Raw])
-# One pass over the page: a top-level list is split into its items' texts, every other value is parsed. Pages
-# whose other keys hold a list, or a number msgspec cannot hold, take the two passes above.
+# One pass over the page: a top-level list is split into its items' texts (the records), every other value is
+# parsed. A page with a value msgspec cannot hold (a number beyond the double range) is left to orjson.
 _ONE_PASS = msgspec.json.Decoder(dict[str, list[msgspec.Raw] | dict[str, Any] | str | int | float | bool | None])
 
 
@@ -243,44 +241,24 @@ def parse_page(content: bytes, records_key: str | None = None) -> tuple[Any, boo
     most APIs' output): the records are split out WITHOUT being parsed, each one its exact text as received
     (``msgspec.Raw``), and only the other keys are parsed (pagination needs them); ``verbatim`` True. So the
     records are decoded once, by the contract check, and their text keeps every byte the source sent (number
-    formats, key order). One msgspec pass does both when no other top-level key holds a list (else a second pass
-    splits the records list). Otherwise (pretty-printed pages, escapes, a missing key or a non-list: the caller's
-    errors name them) the whole body is parsed as without ``records_key``. Raises ``ValueError`` (orjson's or
-    msgspec's decode error, or ``UnicodeDecodeError``) for a body that is not valid JSON.
+    formats, key order); one msgspec pass does both. Otherwise (pretty-printed pages, escapes, a missing key or a
+    non-list: the caller's errors name them) the whole body is parsed as without ``records_key``. Raises
+    ``ValueError`` (orjson's or msgspec's decode error, or ``UnicodeDecodeError``) for a body that is not valid
+    JSON.
     """
     if records_key is not None and _compact(content):
         try:
             body = _ONE_PASS.decode(content)
-        except msgspec.ValidationError:  # not an object, or a value it cannot hold: the two passes below
+        except msgspec.ValidationError:  # not an object, or a value it cannot hold: the parsed path reports it
             body = None
         except msgspec.DecodeError as exc:
             raise ValueError(str(exc)) from None
-        if (
-            body is not None
-            and isinstance(body.get(records_key), list)
-            and not any(isinstance(value, list) for key, value in body.items() if key != records_key)
-        ):
+        if body is not None and isinstance(body.get(records_key), list):
             content.decode("utf-8")  # msgspec does not check the UTF-8 of the text it only skips
+            for key, value in body.items():  # another top-level list: its items parsed, as orjson reads them
+                if key != records_key and isinstance(value, list):
+                    body[key] = [orjson.loads(memoryview(item)) for item in value]
             return body, True
-        try:
-            top = _TOP_LEVEL.decode(content)
-        except msgspec.ValidationError:  # valid JSON, not an object: the parsed path reports it
-            top = None
-        except msgspec.DecodeError as exc:
-            raise ValueError(str(exc)) from None
-        raw = None if top is None else top.get(records_key)
-        if raw is not None:
-            try:
-                records = _RAW_LIST.decode(raw)
-            except msgspec.ValidationError:  # not a list: the parsed path reports it
-                records = None
-            if records is not None:
-                content.decode("utf-8")  # msgspec does not check the UTF-8 of the text it only skips
-                body = {
-                    key: records if key == records_key else orjson.loads(memoryview(value))
-                    for key, value in top.items()
-                }
-                return body, True
     return orjson.loads(content), False
 
 
@@ -583,9 +561,7 @@ def extract_window(
     page_ids: list[int] = []
     counts: list[int] = []
     slices: list[pl.DataFrame] = []  # the current part's rows announced so far (on_frame)
-    sliced = 0  # rows of the current part in ``slices``
     buffered_pages = 0
-    unsliced = 0  # rows in ``segments``
     pages = rows = 0
     written = 0  # rows already handed to the writer
     parts = 0  # parts handed to the writer
@@ -614,17 +590,16 @@ def extract_window(
 
     def cut() -> None:
         """The buffered pages -> one slice of the current part, announced to ``on_frame``."""
-        nonlocal segments, page_ids, counts, unsliced, sliced
+        nonlocal segments, page_ids, counts
         if segments:
-            frame = raw_frame_of_pages(segments, page_ids, counts, written + sliced)
+            frame = raw_frame_of_pages(segments, page_ids, counts, written + sum(s.height for s in slices))
             if on_frame is not None:  # before the part's write is handed over: on_part cannot overtake it
                 on_frame(frame)
             slices.append(frame)
-            sliced += frame.height
-        segments, page_ids, counts, unsliced = [], [], [], 0
+        segments, page_ids, counts = [], [], []
 
     def flush() -> None:
-        nonlocal slices, sliced, buffered_pages, written, parts, in_flight
+        nonlocal slices, buffered_pages, written, parts, in_flight
         collect()  # the previous part's write (and its on_part) first
         cut()
         if slices:
@@ -632,7 +607,7 @@ def extract_window(
             in_flight = writer.submit(write_part, frame, f"{prefix}/part-{parts:05d}.parquet")
             written += frame.height
             parts += 1
-        slices, sliced, buffered_pages = [], 0, 0
+        slices, buffered_pages = [], 0
 
     def make_pages(wait: Sleep) -> Iterator[Page]:
         return fetch_pages(source, window, client=http, logger=log, sleep=wait, clock=clock, verbatim=True)
@@ -645,13 +620,12 @@ def extract_window(
                 segments.append(join(page.records if page.verbatim else map(dumps, page.records)))
                 page_ids.append(page.index)
                 counts.append(n)
-                unsliced += n
             buffered_pages += 1
             pages += 1
             rows += n
             if buffered_pages >= source.pages_per_file:
                 flush()
-            elif frame_rows is not None and unsliced >= frame_rows:
+            elif frame_rows is not None and sum(counts) >= frame_rows:
                 cut()
             if on_progress is not None:
                 on_progress(pages, rows)
