@@ -184,7 +184,9 @@ def _json_types(frame: pl.DataFrame) -> pl.DataFrame:
     For the ids the value read proves it for most rows: an id read as ``evt_1`` cannot have been a number, a
     boolean, an array or an object. Only the rows where the value cannot tell (an id that reads like a number,
     ``true``, or starts with ``[`` or ``{``) get the raw-text scans of :func:`_key_checks`. Metadata read as text
-    starting with ``{`` may have been an object or a string, so it is always scanned (when any row has one).
+    starting with ``{`` may have been an object or a string, so it is always scanned (when any row has one); and
+    from a payload with a backslash it is never shown to be an object: Polars renders an object read as text
+    without escaping again what the source escaped (lossy, not JSON), so the contract's parser must read it.
     """
 
     def plain(name: str) -> pl.Expr:
@@ -193,7 +195,7 @@ def _json_types(frame: pl.DataFrame) -> pl.DataFrame:
     flags = frame.select(
         plain("id").alias("id_is_str"),
         plain("customer_id").alias("customer_id_is_str"),
-        _key_checks("metadata", "o").alias("metadata_is_obj")
+        (_key_checks("metadata", "o") & ~pl.col("payload").str.contains("\\", literal=True)).alias("metadata_is_obj")
         if frame.select(pl.col("metadata").str.starts_with("{").any()).item()
         else pl.repeat(False, frame.height, dtype=pl.Boolean).alias("metadata_is_obj"),
     )
@@ -244,9 +246,6 @@ def extract_fields(raw: pl.DataFrame) -> pl.DataFrame:
         (pl.col("id").is_not_null() & ~pl.col("id_is_str"))
         | (pl.col("customer_id").is_not_null() & ~pl.col("customer_id_is_str"))
         | (pl.col("metadata").is_not_null() & ~pl.col("metadata_is_obj"))
-        # Polars re-serializes an object read as text without escaping a backslash or a tab again (lossy, not
-        # JSON): metadata from a payload with an escape takes the contract's parser
-        | (pl.col("metadata").is_not_null() & pl.col("payload").str.contains("\\", literal=True))
     ).to_series()
     index = (slow | ambiguous).arg_true()
     frame = frame.select(list(EXTRACT_SCHEMA))
