@@ -14,7 +14,7 @@ Every variant then runs in its own child process against that same server, so ea
 (a) ``fetch``: raw fetch only, the ceiling: httpx GET of every 1,000-record page + ``orjson.loads``, records
     counted, nothing validated or written.
 (b) ``library``: this library's data path without Prefect, composed as ``flows/stages.py`` composes it:
-    ``tasks.extract.extract_window`` (raw Parquet parts, each handed to a ``tasks.validation.PartValidator`` that
+    ``tasks.extract.extract_window`` (raw Parquet parts, each handed to a ``tasks.part_checks.PartValidator`` that
     runs its contract check while the next pages are fetched) -> ``tasks.transform.transform_week`` (validate,
     reject, de-duplicate, aggregate; valid/rejects/metrics Parquet) -> ``tasks.publish.publish_week`` (copy into the
     week's attempt folder + atomic manifest) on a local ``file://`` lake. The source is passed as a plain attribute
@@ -153,9 +153,9 @@ class BenchSource:
 def run_library(url: str, n: int, workdir: Path, *, overlap: bool = True) -> dict[str, Any]:
     from tasks.lake import LakeFS
     from tasks.models import Window
+    from tasks.part_checks import extract_and_check
     from tasks.publish import publish_week
     from tasks.transform import transform_week
-    from tasks.validation import extract_and_check
 
     base_url, _, endpoint = url.partition("/events")
     source = BenchSource(base_url=base_url, endpoint="/events" + endpoint)

@@ -21,7 +21,7 @@ from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.cache_policies import INPUTS, NO_CACHE, TASK_SOURCE
 
 from blocks import Lake, SalesforceCredentials, SourceApi
-from tasks import quality, validation
+from tasks import part_checks, quality
 from tasks import salesforce as salesforce_mod
 from tasks import transform as transform_mod
 from tasks.errors import is_retryable
@@ -112,7 +112,7 @@ def extract(
             artifact_id, min(99.0, 100.0 * pages / (pages + 5)), description=f"{pages} pages, {rows} rows fetched"
         )
 
-    result = validation.extract_and_check(
+    result = part_checks.extract_and_check(
         source, window, lake_of(lake_block), prefix, validated_prefix, logger=log, on_progress=on_progress
     )
     update_progress_artifact(artifact_id, 100.0, description=f"{result.pages} pages, {result.rows} rows fetched")

@@ -544,7 +544,7 @@ def extract_window(
     a page boundary), and with the part's remaining rows when the part is complete; the part's frame is then
     the slices' concatenation. ``on_part(ref, frame)`` is called with the part's frame right after the part is
     written, in the writer thread (the weekly flow checks the rows from ``on_frame`` on, and binds the checks to
-    the written part in ``on_part``, see ``tasks.validation.PartValidator``); while it runs, the next part
+    the written part in ``on_part``, see ``tasks.part_checks.PartValidator``); while it runs, the next part
     waits. The slices announced before an ``on_part`` are exactly that part's rows, in order; ``on_frame`` of
     the next part's slices may run before the previous part's ``on_part`` has returned, but never the whole
     next part's. ``sleep``/``clock`` are injectable (tests); ``client`` may be shared (the block's

@@ -47,7 +47,7 @@ class Window(BaseModel):
 
 
 class ValidatedPart(BaseModel):
-    """The contract check of ONE raw part, done while the extract was still fetching (see tasks.validation).
+    """The contract check of ONE raw part, done while the extract was still fetching (see tasks.part_checks).
 
     Valid only for the raw part it names (URL and SHA-256) and for the validation code it was made with
     (``fingerprint``); the transform re-validates the raw part when either differs or a file is missing.

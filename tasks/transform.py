@@ -241,7 +241,8 @@ def transform_week(
 ) -> TransformResult:
     """Validate, de-duplicate and aggregate one week of raw parts; write valid/rejects/metrics Parquet files.
 
-    ``validated``: contract checks already made for some raw parts (:class:`PartValidator`, during the extract).
+    ``validated``: contract checks already made for some raw parts (:class:`tasks.part_checks.PartValidator`,
+    during the extract).
     One is used when it names a raw part given here with the same SHA-256 and was made by the same validation
     code; every other raw part is read and validated here.
     """

@@ -173,6 +173,7 @@ def _zygote() -> int:
     import flows.warehouse  # noqa: F401
     import flows.weekly  # noqa: F401
     import tasks.extract  # noqa: F401
+    import tasks.part_checks  # noqa: F401
     import tasks.salesforce  # noqa: F401
     import tasks.transform  # noqa: F401
     import tasks.validation  # noqa: F401

@@ -614,8 +614,8 @@ def test_unknown_pagination_is_a_configuration_error(make_source_api, lake):
 
 def test_on_part_sees_each_written_part_and_can_validate_it(source_api, make_source_api, lake, fake_time):
     """The weekly flow's composition: each raw part is handed to a PartValidator right after it is written."""
+    from tasks.part_checks import PartValidator
     from tasks.transform import transform_week
-    from tasks.validation import PartValidator
 
     source_api.config.total = 700
     source = make_source_api("cursor", page_size=100, pages_per_file=2)
@@ -643,7 +643,7 @@ def test_on_frame_sees_each_part_before_on_part_and_the_validator_starts_early(
 ):
     """on_frame gets each part's frame (the same object on_part gets later, after the write); a PartValidator
     started there gives the same stored checks as one that only sees on_part."""
-    from tasks.validation import PartValidator
+    from tasks.part_checks import PartValidator
 
     source_api.config.total = 700
     source = make_source_api("offset", page_size=100, pages_per_file=2)
@@ -677,8 +677,8 @@ def test_frame_rows_announces_each_part_in_slices_that_the_validator_binds_to_th
     """With frame_rows the rows are announced in slices as soon as that many are buffered (at page boundaries),
     each part's slices before its on_part; a PartValidator started on the slices stores the same checks as one
     that only sees the written parts, and the transform reuses them to the same files."""
+    from tasks.part_checks import PartValidator
     from tasks.transform import transform_week
-    from tasks.validation import PartValidator
 
     source_api.config.total = 1050
     source = make_source_api("offset", page_size=100, pages_per_file=5)  # parts of 500, 500, 50 rows
@@ -727,7 +727,7 @@ def test_frame_rows_announces_each_part_in_slices_that_the_validator_binds_to_th
 def test_a_part_whose_rows_were_not_started_as_such_is_checked_again(lake):
     """submit binds started frames only when they begin at the part's first _seq and hold exactly its rows;
     otherwise the part is checked from its own rows (the stale starts are left, never bound to another part)."""
-    from tasks.validation import PartValidator
+    from tasks.part_checks import PartValidator
 
     payloads = [orjson.dumps(r).decode() for r in EventSource(date(2024, 1, 1), 300).page(0, 300)]
     raw = pl.DataFrame(
@@ -749,7 +749,7 @@ def test_a_part_whose_rows_were_not_started_as_such_is_checked_again(lake):
 
 
 def test_an_extract_that_fails_stops_the_validator_cleanly(source_api, make_source_api, lake, fake_time):
-    from tasks.validation import PartValidator
+    from tasks.part_checks import PartValidator
 
     source_api.config.total = 500
     source_api.faults.fail_on_page, source_api.faults.fail_on_page_status = 3, 404
@@ -765,7 +765,7 @@ def test_an_extract_that_fails_stops_the_validator_cleanly(source_api, make_sour
 def test_extract_and_check_stores_a_check_per_raw_part_only_when_asked(
     source_api, make_source_api, lake, fake_time, checks_prefix
 ):
-    from tasks.validation import extract_and_check
+    from tasks.part_checks import extract_and_check
 
     source_api.config.total = 450
     source = make_source_api("offset", page_size=100, pages_per_file=2)

@@ -17,8 +17,9 @@ from tasks.contract import validate_payload
 from tasks.errors import ConfigurationError, RawPartError
 from tasks.lake import LakeFS
 from tasks.models import Window
+from tasks.part_checks import PartValidator
 from tasks.transform import METRICS_SCHEMA, transform_week
-from tasks.validation import REJECT_SCHEMA, VALID_SCHEMA, PartValidator
+from tasks.validation import REJECT_SCHEMA, VALID_SCHEMA
 
 WEEK = Window.for_week(date(2024, 1, 1))  # Monday 2024-01-01 .. Sunday 2024-01-07
 
@@ -392,11 +393,13 @@ def test_payloads_off_the_fast_reader_agree_with_the_contract(lake):
 
 
 def test_invalid_json_inside_a_large_chunk_is_isolated(lake, monkeypatch):
+    import tasks.part_checks as part_checks
     import tasks.transform as transform
     import tasks.validation as validation
 
     monkeypatch.setattr(transform, "CHUNK_ROWS", 700)
     monkeypatch.setattr(validation, "CHUNK_ROWS", 700)  # several chunks, validated on the thread pool
+    monkeypatch.setattr(part_checks, "CHUNK_ROWS", 700)
     payloads = [ev(f"e{i}", customer=f"c{i % 5}") for i in range(2000)]
     broken = {3: "{bad", 650: '{"id": NaN}', 1999: ev("x")[:-1], 1200: '{"id":"e1200"} trailing'}
     for seq, text in broken.items():
