@@ -2,7 +2,8 @@
 
 Plain functions over an ``httpx.Client`` and the lake (no Prefect here). The entry point is
 :func:`extract_window`; :func:`fetch_pages` is the page iterator underneath it. The pagination strategies live
-in :mod:`tasks.paginators` (re-exported here).
+in :mod:`tasks.paginators`, the retry policy below (Retry-After, backoff, rate limit) in :mod:`tasks.retries`
+(both re-exported here).
 
 Raw part schema (the contract with the transform stage)::
 
@@ -43,16 +44,13 @@ stop at the first page shorter than ``page_size``: a server that silently caps t
 
 from __future__ import annotations
 
-import email.utils
 import logging
-import math
 import queue
 import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import httpx
@@ -60,7 +58,6 @@ import msgspec
 import orjson
 import polars as pl
 import tenacity
-from tenacity.wait import wait_base
 
 from tasks.errors import (
     ConfigurationError,
@@ -83,6 +80,16 @@ from tasks.paginators import (
     dig,
     make_paginator,
 )
+from tasks.retries import (
+    Clock,
+    MalformedBody,
+    RateLimiter,
+    RetryAfterOrBackoff,
+    Sleep,
+    TransientAttempt,
+    parse_retry_after,
+    should_retry,
+)
 
 if TYPE_CHECKING:
     from blocks.source import SourceApi
@@ -91,8 +98,6 @@ RAW_SCHEMA = {"_seq": pl.Int64, "_page": pl.Int64, "payload": pl.String}
 """Schema of every raw part (contract with the transform stage)."""
 
 USER_AGENT = "weekly-etl-extract/1"
-Sleep = Callable[[float], None]
-Clock = Callable[[], float]
 Progress = Callable[[int, int], None]
 PartHook = Callable[[FileRef, pl.DataFrame], None]
 FrameHook = Callable[[pl.DataFrame], None]
@@ -101,111 +106,6 @@ RAW_COMPRESSION_LEVEL = 1
 """Raw parts stay in the lake as the record of what the source sent. zstd level 1 without statistics: a 50k-row
 part of the demo's events is 1.18 MB against lz4's 2.17 MB, encoded in 13.7 ms against 16.0 ms and decoded in
 6.8 ms against 4.5 ms (the transform reads parts back for the week-level rejects' payloads)."""
-
-
-# --- Retry-After and backoff -------------------------------------------------------------------
-
-
-def parse_retry_after(value: str | None, *, now: datetime | None = None) -> float | None:
-    """Seconds to wait from a ``Retry-After`` header (delta-seconds or HTTP-date); None when absent or unreadable.
-
-    A date in the past gives ``0.0``.
-    """
-    if value is None:
-        return None
-    value = value.strip()
-    if not value:
-        return None
-    try:
-        seconds = float(value)
-    except ValueError:
-        try:
-            when = email.utils.parsedate_to_datetime(value)
-        except (TypeError, ValueError, IndexError):
-            return None
-        if when.tzinfo is None:
-            when = when.replace(tzinfo=UTC)
-        seconds = (when - (now or datetime.now(UTC))).total_seconds()
-    if not math.isfinite(seconds):
-        return None
-    return max(0.0, seconds)
-
-
-class _Transient(Exception):
-    """One failed attempt that may succeed if repeated (429, 5xx, transport error)."""
-
-    def __init__(self, what: str, url: str, *, status: int | None = None, retry_after: float | None = None) -> None:
-        super().__init__(what)
-        self.what = what
-        self.url = url
-        self.status = status
-        self.retry_after = retry_after
-
-
-class _Malformed(Exception):
-    """The body was not valid JSON."""
-
-    def __init__(self, url: str, size: int, detail: str) -> None:
-        super().__init__(detail)
-        self.url = url
-        self.size = size
-        self.detail = detail
-
-
-class RetryAfterOrBackoff(wait_base):
-    """Wait a positive ``Retry-After`` hint (capped at ``cap``), else exponential backoff with jitter.
-
-    The backoff is ``base * 2**(attempt-1) + uniform(0, base)``, at least ``base`` and at most ``cap``, so a
-    ``Retry-After: 0`` or a missing header never turns into a burst of instant retries.
-    """
-
-    def __init__(self, base: float, cap: float) -> None:
-        self.base = base
-        self.cap = max(cap, base)
-        self._backoff = tenacity.wait_exponential_jitter(initial=base, max=self.cap, jitter=base)
-
-    def __call__(self, retry_state: tenacity.RetryCallState) -> float:
-        exc = retry_state.outcome.exception() if retry_state.outcome else None
-        hint = getattr(exc, "retry_after", None)
-        if hint is not None and hint > 0:
-            return min(hint, self.cap)
-        return max(self.base, self._backoff(retry_state))
-
-
-def _should_retry(retry_state: tenacity.RetryCallState) -> bool:
-    exc = retry_state.outcome.exception() if retry_state.outcome else None
-    if isinstance(exc, _Transient):
-        return True
-    if isinstance(exc, _Malformed):
-        return retry_state.attempt_number < 2  # one re-fetch for a broken body, no more
-    return False
-
-
-# --- rate limit --------------------------------------------------------------------------------
-
-
-class RateLimiter:
-    """Client-side cap: at most ``per_second`` request starts per second (minimum spacing, no bursts).
-
-    ``clock`` and ``sleep`` are injectable so tests can check spacing without waiting.
-    """
-
-    def __init__(self, per_second: float | None, *, clock: Clock = time.monotonic, sleep: Sleep = time.sleep) -> None:
-        if per_second is not None and per_second <= 0:
-            raise ConfigurationError("rate_limit_per_second", f"must be > 0, got {per_second}")
-        self.interval = 1.0 / per_second if per_second else 0.0
-        self.clock = clock
-        self.sleep = sleep
-        self._next: float | None = None
-
-    def acquire(self) -> None:
-        if not self.interval:
-            return
-        now = self.clock()
-        if self._next is not None and now < self._next:
-            self.sleep(self._next - now)
-            now = self._next
-        self._next = now + self.interval
 
 
 # --- fetching ----------------------------------------------------------------------------------
@@ -315,14 +215,14 @@ class _Fetcher:
         retrying = tenacity.Retrying(
             stop=tenacity.stop_after_attempt(src.max_attempts),
             wait=RetryAfterOrBackoff(src.backoff_base_seconds, src.backoff_max_seconds),
-            retry=_should_retry,
+            retry=should_retry,
             sleep=self.sleep,
             before_sleep=self._before_sleep,
             reraise=True,
         )
         try:
             return retrying(self._attempt, url, params, page_no)
-        except _Transient as exc:
+        except TransientAttempt as exc:
             what = f"page {page_no}: {exc.what} after {src.max_attempts} attempt(s) (url={redact_url(exc.url)})"
             err: SourceUnavailableError | RateLimitedError
             if exc.status == 429:
@@ -331,7 +231,7 @@ class _Fetcher:
                 err = SourceUnavailableError(f"source unavailable: {what}", retry_after=exc.retry_after)
             err.status_code = exc.status  # type: ignore[attr-defined]
             raise err from exc
-        except _Malformed as exc:
+        except MalformedBody as exc:
             raise SourceResponseError(
                 f"page {page_no}: the body is not valid JSON ({exc.size} bytes, {exc.detail}), also after a re-fetch",
                 url=exc.url,
@@ -340,8 +240,8 @@ class _Fetcher:
     def _before_sleep(self, retry_state: tenacity.RetryCallState) -> None:
         exc = retry_state.outcome.exception() if retry_state.outcome else None
         wait = retry_state.upcoming_sleep
-        if isinstance(exc, _Transient | _Malformed):
-            what = exc.what if isinstance(exc, _Transient) else f"malformed JSON ({exc.detail})"
+        if isinstance(exc, TransientAttempt | MalformedBody):
+            what = exc.what if isinstance(exc, TransientAttempt) else f"malformed JSON ({exc.detail})"
             self.log.warning(
                 "attempt %d failed: %s (url=%s); retrying in %.2fs",
                 retry_state.attempt_number,
@@ -361,15 +261,15 @@ class _Fetcher:
         try:
             response = self.client.send(request)
         except httpx.TimeoutException as exc:
-            raise _Transient(
+            raise TransientAttempt(
                 f"{type(exc).__name__} (timeout {self.source.timeout_seconds}s)", str(request.url)
             ) from exc
         except httpx.TransportError as exc:
-            raise _Transient(type(exc).__name__, str(request.url)) from exc
+            raise TransientAttempt(type(exc).__name__, str(request.url)) from exc
         status = response.status_code
         if status == 429 or status >= 500:
             hint = parse_retry_after(response.headers.get("retry-after"))
-            raise _Transient(f"HTTP {status}", str(request.url), status=status, retry_after=hint)
+            raise TransientAttempt(f"HTTP {status}", str(request.url), status=status, retry_after=hint)
         if not 200 <= status < 300:
             raise SourceResponseError(
                 f"page {page_no}: source answered HTTP {status}", status_code=status, url=str(request.url)
@@ -378,7 +278,7 @@ class _Fetcher:
         try:
             parsed = parse_page(content, self.verbatim_key)
         except ValueError as exc:  # orjson.JSONDecodeError, msgspec's, UnicodeDecodeError
-            raise _Malformed(str(request.url), len(content), str(exc)[:120]) from exc
+            raise MalformedBody(str(request.url), len(content), str(exc)[:120]) from exc
         return response, parsed
 
 
