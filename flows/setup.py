@@ -158,7 +158,7 @@ def checkpoint_seed(first_week: date, now: datetime | None = None) -> dict[str, 
         from tasks.errors import ConfigurationError
 
         raise ConfigurationError("first_week", f"{first_week.isoformat()} is a {first_week:%A}, not a Monday")
-    from tasks.tracking import checkpoint_document
+    from tasks.checkpoint import checkpoint_document
 
     return checkpoint_document(first_week, None, now or datetime.now(UTC))
 

@@ -34,6 +34,7 @@ from flows.weekly_report import (
     run_counts,
     summary_artifact,
 )
+from tasks import checkpoint as checkpoints
 from tasks import pending, tracking
 from tasks.errors import ConfigurationError, DataQualityError, PipelineError, is_retryable, redact_text
 from tasks.models import Window
@@ -62,7 +63,7 @@ def _flow_run_id() -> str | None:
 
 def _mirror_checkpoint(variable_name: str, next_week: date, run_id: str) -> None:
     """Mirror the database checkpoint into the Prefect Variable (JSON, well under 5,000 chars)."""
-    document = tracking.checkpoint_document(next_week, run_id, datetime.now(UTC))
+    document = checkpoints.checkpoint_document(next_week, run_id, datetime.now(UTC))
     Variable.set(variable_name, document, overwrite=True)
 
 
@@ -77,13 +78,13 @@ def _ensure_checkpoint_lock() -> None:
 def _read_checkpoint(rt: WeeklyRuntime, log: Any) -> date | None:
     """The database is the source of truth. The Variable is used only while the database has no checkpoint yet
     (e.g. seeded by ``python -m flows.setup --first-week``) and otherwise read to warn when it drifted."""
-    state = tracking.checkpoint_state(rt.engine, rt.settings.pipeline_name)
+    state = checkpoints.checkpoint_state(rt.engine, rt.settings.pipeline_name)
     db_value = state.next_week_start if state is not None else None
     updated_at = state.updated_at if state is not None else None
     doc = Variable.get(rt.settings.checkpoint_variable, default=None)
     if doc:
         try:
-            var_value = tracking.parse_checkpoint_document(doc)
+            var_value = checkpoints.parse_checkpoint_document(doc)
         except (ValueError, PipelineError) as exc:
             log.warning(
                 "checkpoint Variable %r is unreadable (%s); the database wins", rt.settings.checkpoint_variable, exc
@@ -111,7 +112,7 @@ def _advance_checkpoint(
     rt: WeeklyRuntime, window: Window, run_id: str, log: Any, baseline: date | None = None
 ) -> date | None:
     """DB first (the source of truth), then the Variable mirror, under a global lock (Variables have no
-    compare-and-set). The checkpoint moves across committed weeks only (``tracking.checkpoint_after_week``): a week
+    compare-and-set). The checkpoint moves across committed weeks only (``checkpoints.checkpoint_after_week``): a week
     committed ahead of it leaves it where it is. ``baseline``: the checkpoint this run started from, for a database
     that has none yet. When the database is unavailable after the data landed, the write is queued in the lake and
     replayed at the start of the next run; the Variable is then left alone (never ahead of the DB)."""
@@ -124,7 +125,7 @@ def _advance_checkpoint(
         if not applied:
             log.error("checkpoint write failed: database unavailable; queued for replay at the next run")
             return None
-        stored = tracking.get_checkpoint(rt.engine, pipeline) or window.end + timedelta(days=1)
+        stored = checkpoints.get_checkpoint(rt.engine, pipeline) or window.end + timedelta(days=1)
         _mirror_checkpoint(rt.settings.checkpoint_variable, stored, run_id)
     return stored
 
@@ -352,7 +353,7 @@ def weekly_reverse_etl(
         summary.replayed_pending = replayed.applied
         if replayed.applied:
             log.info("replayed %d pending tracking write(s)", replayed.applied)
-            stored = tracking.checkpoint_state(rt.engine, pipeline)
+            stored = checkpoints.checkpoint_state(rt.engine, pipeline)
             if stored is not None:
                 _mirror_checkpoint(rt.settings.checkpoint_variable, stored.next_week_start, stored.last_run_id)
         checkpoint = _read_checkpoint(rt, log)
@@ -380,7 +381,7 @@ def weekly_reverse_etl(
                 )
             )
         try:
-            summary.next_week_start = tracking.get_checkpoint(rt.engine, pipeline) or checkpoint
+            summary.next_week_start = checkpoints.get_checkpoint(rt.engine, pipeline) or checkpoint
         except PipelineError as exc:  # the writes are queued; the summary just cannot show the value
             log.warning("could not read the checkpoint for the summary: %s", type(exc).__name__)
     summary_artifact(summary)

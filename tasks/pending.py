@@ -1,9 +1,9 @@
 """The pending-write queue in the lake: tracking writes that could not reach the database, replayed later.
 
-When a tracking write (finish_run / finish_stage / advance_checkpoint / checkpoint_after_week of
-:mod:`tasks.tracking`) fails after the data was loaded, the caller stores the write as one JSON file under
-``_pending/<pipeline>/`` in the lake (:func:`queue_pending` / :func:`apply_or_queue`); the next run calls
-:func:`replay_pending` first. The tracking write functions are idempotent, which is what lets
+When a tracking write (finish_run / finish_stage of :mod:`tasks.tracking`, advance_checkpoint /
+checkpoint_after_week of :mod:`tasks.checkpoint`) fails after the data was loaded, the caller stores the write as
+one JSON file under ``_pending/<pipeline>/`` in the lake (:func:`queue_pending` / :func:`apply_or_queue`); the
+next run calls :func:`replay_pending` first. The tracking write functions are idempotent, which is what lets
 :func:`replay_pending` re-apply a queued write that may already have landed.
 """
 
@@ -23,7 +23,7 @@ from typing import Any
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import Engine
 
-from tasks import tracking
+from tasks import checkpoint, tracking
 from tasks.errors import DatabaseUnavailableError, PipelineError, TrackingError, is_retryable
 
 _LOG = logging.getLogger(__name__)
@@ -88,7 +88,7 @@ def _finish_stage_op(engine: Engine, pipeline: str, args: dict[str, Any], logger
 
 
 def _checkpoint_op(name: str) -> Callable[[Engine, str, dict[str, Any], Logger | None], date]:
-    """The checkpoint write ``tracking.<name>`` replayed for ``pipeline`` (looked up at call time); an item queued
+    """The checkpoint write ``checkpoint.<name>`` replayed for ``pipeline`` (looked up at call time); an item queued
     for another pipeline is refused."""
 
     def op(engine: Engine, pipeline: str, args: dict[str, Any], logger: Logger | None) -> date:
@@ -96,7 +96,7 @@ def _checkpoint_op(name: str) -> Callable[[Engine, str, dict[str, Any], Logger |
         item_pipeline = args.pop("pipeline", pipeline)
         if item_pipeline != pipeline:
             raise TrackingError(f"pipeline: pending item is for {item_pipeline!r}, not {pipeline!r}")
-        return getattr(tracking, name)(engine, pipeline, logger=logger, **args)
+        return getattr(checkpoint, name)(engine, pipeline, logger=logger, **args)
 
     return op
 

@@ -12,7 +12,7 @@ import pytest
 import sqlalchemy as sa
 
 import blocks
-from tasks import tracking
+from tasks import checkpoint
 from tasks.lake import LakeFS
 from tests.support.prefect_harness import delete_blocks
 
@@ -82,4 +82,4 @@ def checkpoint_variable() -> dict | None:
 
 
 def db_checkpoint(engine: sa.Engine, pipeline: str = "weekly-customer-metrics") -> date | None:
-    return tracking.get_checkpoint(engine, pipeline)
+    return checkpoint.get_checkpoint(engine, pipeline)

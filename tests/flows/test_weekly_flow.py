@@ -10,7 +10,7 @@ from prefect.client.orchestration import get_client
 
 import blocks
 from flows.weekly import weekly_reverse_etl
-from tasks import tracking
+from tasks import checkpoint, tracking
 from tasks.errors import ConfigurationError, DataQualityError
 from tasks.publish import read_committed, read_manifest
 from tasks.weeks import last_complete_week, today_in
@@ -233,7 +233,7 @@ def test_seeded_variable_starts_an_empty_database_and_a_stale_checkpoint_warns(
     last = last_complete_week(today_in("UTC"))
     Variable.set(
         "weekly-checkpoint",
-        tracking.checkpoint_document(last, None, datetime.now(UTC) - timedelta(days=20)),
+        checkpoint.checkpoint_document(last, None, datetime.now(UTC) - timedelta(days=20)),
         overwrite=True,
     )
     with caplog.at_level("WARNING"):

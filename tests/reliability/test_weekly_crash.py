@@ -25,7 +25,7 @@ import pytest
 import sqlalchemy as sa
 
 import blocks
-from tasks import tracking
+from tasks import checkpoint, tracking
 from tasks.lake import LakeFS
 from tasks.publish import read_committed, read_manifest
 from tests.reliability.conftest import PIPELINE, save_standard_blocks
@@ -136,7 +136,7 @@ def test_sigkill_then_rerun_loses_and_duplicates_nothing(
     figures.kill_points.append(name)
 
     # Whatever the crash left: the checkpoint is never ahead of the data.
-    db_cp = tracking.get_checkpoint(engine, PIPELINE) if sa.inspect(engine).has_table("pipeline_checkpoint") else None
+    db_cp = checkpoint.get_checkpoint(engine, PIPELINE) if sa.inspect(engine).has_table("pipeline_checkpoint") else None
     var_cp = _variable_checkpoint()
     if db_cp is not None:
         assert read_manifest(lake, ZONE, WEEK) is not None, "DB checkpoint advanced without a committed week"
@@ -185,7 +185,7 @@ def test_sigkill_then_rerun_loses_and_duplicates_nothing(
     assert int(store[sample["External_Id__c"]]["Event_Count__c"]) == sample["Event_Count__c"]
 
     # checkpoint and tracking
-    assert tracking.get_checkpoint(engine, PIPELINE) == NEXT
+    assert checkpoint.get_checkpoint(engine, PIPELINE) == NEXT
     assert _variable_checkpoint() == NEXT
     runs = tracking.runs(engine, PIPELINE)
     successes = [r for r in runs if r.status.startswith("SUCCESS")]

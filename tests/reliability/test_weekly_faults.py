@@ -19,7 +19,7 @@ import pytest
 import sqlalchemy as sa
 
 import blocks
-from tasks import tracking
+from tasks import checkpoint, tracking
 from tasks.lake import LakeFS
 from tasks.publish import read_manifest
 from tests.reliability.conftest import PIPELINE, save_standard_blocks
@@ -44,7 +44,7 @@ def _variable_checkpoint() -> date | None:
 def _db_checkpoint(engine: sa.Engine) -> date | None:
     if not sa.inspect(engine).has_table("pipeline_checkpoint"):
         return None
-    return tracking.get_checkpoint(engine, PIPELINE)
+    return checkpoint.get_checkpoint(engine, PIPELINE)
 
 
 def _assert_nothing_committed(engine: sa.Engine, lake: LakeFS) -> None:

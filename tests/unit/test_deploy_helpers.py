@@ -10,8 +10,8 @@ from flows.backfill import MAX_WEEKS, week_range
 from flows.backfill import main as backfill_main
 from flows.setup import _default_base_job_template, checkpoint_seed
 from flows.setup import main as setup_main
+from tasks.checkpoint import parse_checkpoint_document
 from tasks.errors import ConfigurationError
-from tasks.tracking import parse_checkpoint_document
 
 
 def test_week_range_is_every_monday_inclusive() -> None:

@@ -9,6 +9,7 @@ from datetime import UTC, date, datetime, timedelta
 import pyodbc
 import pytest
 
+from tasks import checkpoint as cp
 from tasks import tracking as tr
 from tasks.errors import ConfigurationError, DatabaseUnavailableError
 from tasks.sql import make_engine, odbc_connect
@@ -45,7 +46,7 @@ def _checkpoint(cur: pyodbc.Cursor) -> tuple[date, str]:
 
 @pytest.mark.parametrize("merge", [False, True], ids=["on_conflict", "merge"])
 def test_checkpoint_upsert_as_raw_parameterized_sql(odbc_str: str, schema: None, merge: bool) -> None:
-    sql, order = tr.checkpoint_upsert_qmark("postgresql", merge=merge)
+    sql, order = cp.checkpoint_upsert_qmark("postgresql", merge=merge)
     with closing(odbc_connect(odbc_str, autocommit=False)) as conn:
         cur = conn.cursor()
         _upsert(cur, sql, order, W2, "a")
@@ -55,7 +56,7 @@ def test_checkpoint_upsert_as_raw_parameterized_sql(odbc_str: str, schema: None,
         assert _checkpoint(cur) == (W3, "b")
     # And the library reads what ODBC wrote.
     engine = make_engine(odbc_str_to_url(odbc_str))
-    assert tr.get_checkpoint(engine, P) == W3
+    assert cp.get_checkpoint(engine, P) == W3
     engine.dispose()
 
 

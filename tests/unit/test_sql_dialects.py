@@ -10,6 +10,7 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import mssql, postgresql, sqlite
 from sqlalchemy.dialects.mssql import pyodbc as mssql_pyodbc
 
+from tasks import checkpoint as cp
 from tasks import tracking as tr
 from tasks.errors import ConfigurationError, DatabaseUnavailableError
 from tasks.sql import describe_odbc, engine_from_odbc, odbc_dialect, parse_odbc, scrub_secrets
@@ -26,9 +27,9 @@ def _one_line(sql: object) -> str:
 
 def test_mssql_merge_text() -> None:
     dialect = mssql_pyodbc.dialect(paramstyle="qmark")
-    sql, order = tr.checkpoint_upsert_qmark("mssql")
+    sql, order = cp.checkpoint_upsert_qmark("mssql")
     assert order == ["pipeline", "next_week_start", "updated_at", "last_run_id"]
-    assert sql == _one_line(tr.checkpoint_merge_sql(dialect).compile(dialect=dialect))
+    assert sql == _one_line(cp.checkpoint_merge_sql(dialect).compile(dialect=dialect))
     assert sql.startswith(
         "MERGE INTO pipeline_checkpoint WITH (HOLDLOCK) AS target USING (SELECT CAST(? AS VARCHAR(200))"
     )
@@ -37,19 +38,19 @@ def test_mssql_merge_text() -> None:
     assert "WHEN MATCHED AND target.next_week_start < source.next_week_start THEN UPDATE SET" in sql
     assert "WHEN NOT MATCHED THEN INSERT (pipeline, next_week_start, updated_at, last_run_id)" in sql
     assert sql.endswith(";")  # SQL Server requires MERGE to be terminated
-    forced, _ = tr.checkpoint_upsert_qmark("mssql", force=True)
+    forced, _ = cp.checkpoint_upsert_qmark("mssql", force=True)
     assert "WHEN MATCHED THEN UPDATE SET" in forced and "<" not in forced
 
 
 def test_portable_upsert_picks_merge_for_mssql_and_on_conflict_elsewhere() -> None:
     values = {"pipeline": "p", "next_week_start": date(2026, 11, 2), "updated_at": None, "last_run_id": "r"}
     ms = mssql_pyodbc.dialect(paramstyle="qmark")
-    assert _one_line(tr.checkpoint_upsert(ms, values).compile(dialect=ms)).startswith("MERGE INTO pipeline_checkpoint")
+    assert _one_line(cp.checkpoint_upsert(ms, values).compile(dialect=ms)).startswith("MERGE INTO pipeline_checkpoint")
     for dialect in (postgresql.dialect(), sqlite.dialect()):
-        sql = _one_line(tr.checkpoint_upsert(dialect, values).compile(dialect=dialect))
+        sql = _one_line(cp.checkpoint_upsert(dialect, values).compile(dialect=dialect))
         assert "ON CONFLICT (pipeline) DO UPDATE SET next_week_start = excluded.next_week_start" in sql
         assert sql.endswith("WHERE pipeline_checkpoint.next_week_start < excluded.next_week_start")
-        forced = _one_line(tr.checkpoint_upsert(dialect, values, force=True).compile(dialect=dialect))
+        forced = _one_line(cp.checkpoint_upsert(dialect, values, force=True).compile(dialect=dialect))
         assert "WHERE" not in forced
 
 
@@ -104,7 +105,7 @@ def test_engine_from_odbc_keeps_the_string_out_of_url_and_errors() -> None:
     assert "p@ss" not in str(engine.url) and "p@ss" not in repr(engine)
     # The SQL Server driver is not installed here: the creator's failure is a ConfigurationError without PWD.
     with pytest.raises((ConfigurationError, DatabaseUnavailableError)) as info:
-        tr.get_checkpoint(engine, "p")
+        cp.get_checkpoint(engine, "p")
     assert "p@ss" not in str(info.value) and "w}rd" not in str(info.value)
     assert "ODBC Driver 18 for SQL Server" in str(info.value)
     engine.dispose()

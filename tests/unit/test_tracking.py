@@ -13,6 +13,7 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
+from tasks import checkpoint as cp
 from tasks import pending
 from tasks import tracking as tr
 from tasks.errors import DatabaseUnavailableError, DuplicateRunError, TrackingError, is_retryable
@@ -176,18 +177,18 @@ def test_fail_abandoned_runs(engine: Engine) -> None:
 
 
 def test_checkpoint_upsert_is_monotonic(engine: Engine) -> None:
-    assert tr.get_checkpoint(engine, P) is None
-    assert tr.advance_checkpoint(engine, P, W2, "r1", now=T0) == W2
-    assert tr.advance_checkpoint(engine, P, W3, "r2", now=T0 + timedelta(1)) == W3
-    assert tr.advance_checkpoint(engine, P, W1, "r3") == W3  # backwards: ignored
-    assert tr.advance_checkpoint(engine, P, W3, "r4") == W3  # same: ignored
-    state = tr.checkpoint_state(engine, P)
+    assert cp.get_checkpoint(engine, P) is None
+    assert cp.advance_checkpoint(engine, P, W2, "r1", now=T0) == W2
+    assert cp.advance_checkpoint(engine, P, W3, "r2", now=T0 + timedelta(1)) == W3
+    assert cp.advance_checkpoint(engine, P, W1, "r3") == W3  # backwards: ignored
+    assert cp.advance_checkpoint(engine, P, W3, "r4") == W3  # same: ignored
+    state = cp.checkpoint_state(engine, P)
     assert (state.next_week_start, state.last_run_id, state.updated_at) == (W3, "r2", T0 + timedelta(1))
-    assert tr.advance_checkpoint(engine, P, W1, "r5", force=True) == W1
-    assert tr.checkpoint_state(engine, P).last_run_id == "r5"
-    assert tr.get_checkpoint(engine, "other") is None
+    assert cp.advance_checkpoint(engine, P, W1, "r5", force=True) == W1
+    assert cp.checkpoint_state(engine, P).last_run_id == "r5"
+    assert cp.get_checkpoint(engine, "other") is None
     with pytest.raises(TrackingError, match="next_week_start"):
-        tr.advance_checkpoint(engine, P, date(2026, 11, 4), "r6")
+        cp.advance_checkpoint(engine, P, date(2026, 11, 4), "r6")
 
 
 def test_concurrent_advance_ends_at_the_max(engine: Engine) -> None:
@@ -199,7 +200,7 @@ def test_concurrent_advance_ends_at_the_max(engine: Engine) -> None:
         try:
             barrier.wait()
             for week in mine:
-                tr.advance_checkpoint(engine, P, week, f"run-{week}")
+                cp.advance_checkpoint(engine, P, week, f"run-{week}")
         except BaseException as exc:  # reported below
             errors.append(exc)
 
@@ -213,7 +214,7 @@ def test_concurrent_advance_ends_at_the_max(engine: Engine) -> None:
     for t in threads:
         t.join()
     assert errors == []
-    state = tr.checkpoint_state(engine, P)
+    state = cp.checkpoint_state(engine, P)
     assert state.next_week_start == weeks[-1]
     assert state.last_run_id == f"run-{weeks[-1]}"
 
@@ -229,46 +230,46 @@ W5, W6 = W4 + timedelta(weeks=1), W4 + timedelta(weeks=2)
 
 def test_checkpoint_moves_across_committed_weeks_only(engine: Engine, caplog: pytest.LogCaptureFixture) -> None:
     # the first committed week starts the checkpoint
-    assert tr.checkpoint_after_week(engine, P, W1, _commit(engine, W1), now=T0) == W2
+    assert cp.checkpoint_after_week(engine, P, W1, _commit(engine, W1), now=T0) == W2
     # W4 committed ahead (an explicit week, or a backfill whose W2 failed): the checkpoint holds at W2, and says so
     _commit(engine, W2, "FAILED")
     w4 = _commit(engine, W4)
-    with caplog.at_level("WARNING", logger="tasks.tracking"):
-        assert tr.checkpoint_after_week(engine, P, W4, w4) == W2
+    with caplog.at_level("WARNING", logger="tasks.checkpoint"):
+        assert cp.checkpoint_after_week(engine, P, W4, w4) == W2
     assert "week 2026-11-23 is committed, but the checkpoint of weekly-test stays at 2026-11-09" in caplog.text
-    state = tr.checkpoint_state(engine, P)
+    state = cp.checkpoint_state(engine, P)
     assert (state.next_week_start, state.updated_at) == (W2, T0)  # nothing written while it holds
     # W2 committed at last: the checkpoint moves to W3, the first week not committed
     w2 = _commit(engine, W2)
-    assert tr.checkpoint_after_week(engine, P, W2, w2) == W3
+    assert cp.checkpoint_after_week(engine, P, W2, w2) == W3
     # W3 committed: it rolls over W4 (committed earlier) to W5
     w3 = _commit(engine, W3)
-    assert tr.checkpoint_after_week(engine, P, W3, w3) == W5
-    assert tr.checkpoint_state(engine, P).last_run_id == w3
+    assert cp.checkpoint_after_week(engine, P, W3, w3) == W5
+    assert cp.checkpoint_state(engine, P).last_run_id == w3
     # a re-run of an old week moves nothing (and the call is idempotent)
-    assert tr.checkpoint_after_week(engine, P, W1, "rerun") == W5
-    assert tr.checkpoint_after_week(engine, P, W3, w3) == W5
-    assert tr.checkpoint_state(engine, P).last_run_id == w3
+    assert cp.checkpoint_after_week(engine, P, W1, "rerun") == W5
+    assert cp.checkpoint_after_week(engine, P, W3, w3) == W5
+    assert cp.checkpoint_state(engine, P).last_run_id == w3
 
 
 def test_checkpoint_after_week_rolls_over_weeks_committed_before_a_crash(engine: Engine) -> None:
     """The skip path: W2 and W3 were committed but their checkpoint writes were lost; re-advancing W2 heals it."""
-    tr.advance_checkpoint(engine, P, W2, "r1")
+    cp.advance_checkpoint(engine, P, W2, "r1")
     _commit(engine, W2)
     _commit(engine, W3)
-    assert tr.checkpoint_after_week(engine, P, W2, "skip") == W4
+    assert cp.checkpoint_after_week(engine, P, W2, "skip") == W4
 
 
 def test_checkpoint_after_week_baseline_for_an_empty_database(engine: Engine) -> None:
     # the Variable (or first_week) said W1: committing W3 first must not skip W1 and W2
-    assert tr.checkpoint_after_week(engine, P, W3, _commit(engine, W3), baseline=W1) == W1
-    assert tr.checkpoint_after_week(engine, P, W1, _commit(engine, W1)) == W2
+    assert cp.checkpoint_after_week(engine, P, W3, _commit(engine, W3), baseline=W1) == W1
+    assert cp.checkpoint_after_week(engine, P, W1, _commit(engine, W1)) == W2
     # once the database has a checkpoint, a baseline changes nothing
-    assert tr.checkpoint_after_week(engine, P, W2, _commit(engine, W2), baseline=W6) == W4
+    assert cp.checkpoint_after_week(engine, P, W2, _commit(engine, W2), baseline=W6) == W4
     with pytest.raises(TrackingError, match="baseline"):
-        tr.checkpoint_after_week(engine, P, W2, "x", baseline=date(2026, 11, 4))
+        cp.checkpoint_after_week(engine, P, W2, "x", baseline=date(2026, 11, 4))
     with pytest.raises(TrackingError, match="week_start"):
-        tr.checkpoint_after_week(engine, P, date(2026, 11, 4), "x")
+        cp.checkpoint_after_week(engine, P, date(2026, 11, 4), "x")
 
 
 def test_checkpoint_after_week_is_queued_and_replayed(engine: Engine, lake: LakeFS) -> None:
@@ -278,7 +279,7 @@ def test_checkpoint_after_week_is_queued_and_replayed(engine: Engine, lake: Lake
     pending.queue_pending(lake, P, "checkpoint_after_week", {"week_start": W3.isoformat(), "baseline": W1})
     result = pending.replay_pending(engine, lake, P)
     assert (result.applied, result.remaining, result.ok) == (2, 0, True)
-    assert tr.get_checkpoint(engine, P) == W2
+    assert cp.get_checkpoint(engine, P) == W2
     pending.queue_pending(lake, P, "checkpoint_after_week", {"pipeline": "other", "week_start": W1})
     assert "not 'weekly-test'" in (pending.replay_pending(engine, lake, P).error or "")
 
@@ -289,34 +290,34 @@ def test_merge_form_of_the_upsert_runs_on_postgresql(pg_engine: Engine) -> None:
     def merge(week: date, run_id: str, *, force: bool = False) -> date:
         values = {"pipeline": P, "next_week_start": week, "updated_at": T0, "last_run_id": run_id}
         with pg_engine.begin() as conn:
-            conn.execute(tr.checkpoint_merge_sql(conn.dialect, force=force), values)
-        return tr.get_checkpoint(pg_engine, P)
+            conn.execute(cp.checkpoint_merge_sql(conn.dialect, force=force), values)
+        return cp.get_checkpoint(pg_engine, P)
 
     assert merge(W2, "a") == W2  # insert
     assert merge(W3, "b") == W3  # forward
     assert merge(W1, "c") == W3  # backwards ignored
     assert merge(W1, "d", force=True) == W1
-    assert tr.checkpoint_state(pg_engine, P).last_run_id == "d"
+    assert cp.checkpoint_state(pg_engine, P).last_run_id == "d"
 
 
 def test_checkpoint_document_round_trip_and_errors() -> None:
-    doc = tr.checkpoint_document(W2, "run-1", T0)
+    doc = cp.checkpoint_document(W2, "run-1", T0)
     assert doc == {"next_week_start": "2026-11-09", "updated_at": T0.isoformat(), "last_run_id": "run-1"}
     assert len(json.dumps(doc)) < 5000
-    assert tr.parse_checkpoint_document(doc) == W2
-    assert tr.parse_checkpoint_document(json.dumps(doc)) == W2
+    assert cp.parse_checkpoint_document(doc) == W2
+    assert cp.parse_checkpoint_document(json.dumps(doc)) == W2
     with pytest.raises(TrackingError, match="next_week_start: missing"):
-        tr.parse_checkpoint_document({"updated_at": "x"})
+        cp.parse_checkpoint_document({"updated_at": "x"})
     with pytest.raises(TrackingError, match="not an ISO date"):
-        tr.parse_checkpoint_document({"next_week_start": "next monday"})
+        cp.parse_checkpoint_document({"next_week_start": "next monday"})
     with pytest.raises(TrackingError, match="Tuesday"):
-        tr.parse_checkpoint_document({"next_week_start": "2026-11-10"})
+        cp.parse_checkpoint_document({"next_week_start": "2026-11-10"})
     with pytest.raises(TrackingError, match="JSON object"):
-        tr.parse_checkpoint_document(["2026-11-09"])
+        cp.parse_checkpoint_document(["2026-11-09"])
     with pytest.raises(TrackingError, match="limit"):
-        tr.checkpoint_document(W2, "x" * 6000, T0)
+        cp.checkpoint_document(W2, "x" * 6000, T0)
     with pytest.raises(TrackingError, match="timezone"):
-        tr.checkpoint_document(W2, "r", datetime(2026, 1, 1))
+        cp.checkpoint_document(W2, "r", datetime(2026, 1, 1))
 
 
 # --- pending replay -------------------------------------------------------------------------------------------
@@ -341,8 +342,8 @@ def test_pending_items_replay_in_order_once(engine: Engine, lake: LakeFS) -> Non
     assert pending.pending_items(lake, P) == []
     assert tr.get_run(engine, run_id).status == "SUCCESS" and tr.get_run(engine, run_id).fetched == 3
     assert tr.stages(engine, run_id)[0].status == "SUCCESS"
-    assert tr.checkpoint_state(engine, P).next_week_start == W3
-    assert tr.checkpoint_state(engine, P).last_run_id == run_id
+    assert cp.checkpoint_state(engine, P).next_week_start == W3
+    assert cp.checkpoint_state(engine, P).last_run_id == run_id
 
     again = pending.replay_pending(engine, lake, P)
     assert (again.applied, again.remaining, again.ok) == (0, 0, True)
@@ -353,12 +354,12 @@ def test_replaying_an_item_that_already_landed_is_a_no_op(engine: Engine, lake: 
     args = {"run_id": run_id, "status": "SUCCESS", "counts": {"fetched": 7}, "now": T0}
     tr.finish_run(engine, **args)  # the write landed, but the caller thought it failed and queued it
     pending.queue_pending(lake, P, "finish_run", args)
-    tr.advance_checkpoint(engine, P, W2, run_id)
+    cp.advance_checkpoint(engine, P, W2, run_id)
     pending.queue_pending(lake, P, "advance_checkpoint", {"next_week_start": W2, "run_id": run_id})
     result = pending.replay_pending(engine, lake, P)
     assert (result.applied, result.remaining) == (2, 0)
     assert tr.get_run(engine, run_id).fetched == 7 and len(tr.runs(engine, P)) == 1
-    assert tr.get_checkpoint(engine, P) == W2
+    assert cp.get_checkpoint(engine, P) == W2
 
 
 def test_partial_replay_removes_only_what_was_applied(engine: Engine, lake: LakeFS) -> None:
@@ -371,7 +372,7 @@ def test_partial_replay_removes_only_what_was_applied(engine: Engine, lake: Lake
     assert (result.applied, result.remaining, result.failed_item) == (1, 2, items[1])
     assert not result.retryable and "never-started" in result.error
     assert pending.pending_items(lake, P) == items[1:]
-    assert tr.get_checkpoint(engine, P) == W2  # the third item waits behind the failed one (order kept)
+    assert cp.get_checkpoint(engine, P) == W2  # the third item waits behind the failed one (order kept)
     with pytest.raises(TrackingError, match="pending replay stopped at"):
         result.raise_for_error()
 
@@ -422,21 +423,21 @@ class KillBeforeCheckpointWrite:
 def test_a_connection_killed_once_is_retried_on_a_fresh_pool(pg_engine: Engine) -> None:
     hook = KillBeforeCheckpointWrite(pg_engine, times=1)
     try:
-        assert tr.advance_checkpoint(pg_engine, P, W2, "r1") == W2
+        assert cp.advance_checkpoint(pg_engine, P, W2, "r1") == W2
     finally:
         hook.remove()
     assert hook.kills == 1
-    assert tr.get_checkpoint(pg_engine, P) == W2
+    assert cp.get_checkpoint(pg_engine, P) == W2
 
 
 def test_idle_pooled_connections_killed_are_replaced_by_pre_ping(pg_engine: Engine, pg_database: str) -> None:
-    tr.advance_checkpoint(pg_engine, P, W1, "r0")
+    cp.advance_checkpoint(pg_engine, P, W1, "r0")
     with psycopg.connect(host=PG_HOST, port=PG_PORT, user=PG_USER, dbname="postgres", autocommit=True) as admin:
         pids = [r[0] for r in admin.execute("select pid from pg_stat_activity where datname = %s", (pg_database,))]
     assert pids  # the pool holds an idle connection
     for pid in pids:
         _terminate(pid)
-    assert tr.advance_checkpoint(pg_engine, P, W2, "r1") == W2
+    assert cp.advance_checkpoint(pg_engine, P, W2, "r1") == W2
 
 
 def test_checkpoint_write_killed_is_queued_and_replayed_exactly_once(pg_engine: Engine, lake: LakeFS) -> None:
@@ -445,12 +446,12 @@ def test_checkpoint_write_killed_is_queued_and_replayed_exactly_once(pg_engine: 
     hook = KillBeforeCheckpointWrite(pg_engine, times=2)  # the write and its one retry both die
     try:
         with pytest.raises(DatabaseUnavailableError) as info:
-            tr.advance_checkpoint(pg_engine, P, W2, run_id)
+            cp.advance_checkpoint(pg_engine, P, W2, run_id)
         assert hook.kills == 2
         message = str(info.value)
         assert "advance_checkpoint" in message and "Sup3rS3cretPW" not in message and PG_USER + ":" not in message
         assert is_retryable(info.value) and info.value.__cause__ is None
-        assert tr.get_checkpoint(pg_engine, P) is None  # nothing landed
+        assert cp.get_checkpoint(pg_engine, P) is None  # nothing landed
 
         # The caller's path: apply_or_queue queues when the database is unavailable.
         hook.remaining = 2
@@ -466,7 +467,7 @@ def test_checkpoint_write_killed_is_queued_and_replayed_exactly_once(pg_engine: 
 
     result = pending.replay_pending(pg_engine, lake, P)
     assert (result.applied, result.remaining) == (1, 0)
-    state = tr.checkpoint_state(pg_engine, P)
+    state = cp.checkpoint_state(pg_engine, P)
     assert (state.next_week_start, state.last_run_id) == (W2, run_id)
     assert pending.replay_pending(pg_engine, lake, P).applied == 0
     assert pending.apply_or_queue(pg_engine, lake, P, "advance_checkpoint", {"next_week_start": W3}) is True
@@ -486,10 +487,10 @@ def test_replay_stops_on_a_dropped_connection_and_resumes(pg_engine: Engine, lak
     with pytest.raises(DatabaseUnavailableError):
         result.raise_for_error()
     assert tr.get_run(pg_engine, run_id).status == "SUCCESS"
-    assert tr.get_checkpoint(pg_engine, P) is None
+    assert cp.get_checkpoint(pg_engine, P) is None
     resumed = pending.replay_pending(pg_engine, lake, P)
     assert (resumed.applied, resumed.remaining) == (1, 0)
-    assert tr.get_checkpoint(pg_engine, P) == W2
+    assert cp.get_checkpoint(pg_engine, P) == W2
 
 
 def test_server_down_is_retryable_and_hides_the_password() -> None:
@@ -497,7 +498,7 @@ def test_server_down_is_retryable_and_hides_the_password() -> None:
         "postgresql+psycopg://etl:Sup3rS3cretPW@127.0.0.1:1/tracking", connect_args={"connect_timeout": 2}
     )
     with pytest.raises(DatabaseUnavailableError) as info:
-        tr.get_checkpoint(eng, P)
+        cp.get_checkpoint(eng, P)
     text = str(info.value)
     assert "Sup3rS3cretPW" not in text and "etl" not in text
     assert "127.0.0.1:1/tracking" in text and "get_checkpoint" in text
@@ -508,7 +509,7 @@ def test_server_down_is_retryable_and_hides_the_password() -> None:
 def test_sqlite_missing_table_is_not_mistaken_for_unavailable(tmp_path) -> None:
     eng = make_engine(f"sqlite:///{tmp_path / 'empty.db'}")
     with pytest.raises(sa.exc.OperationalError, match="no such table"):
-        tr.get_checkpoint(eng, P)
+        cp.get_checkpoint(eng, P)
     eng.dispose()
 
 
@@ -555,7 +556,7 @@ def test_pending_queue_on_other_lakes(kind: str, tmp_path) -> None:
     result = pending.replay_pending(engine, lake, P)
     assert (result.applied, result.remaining) == (2, 0)
     assert pending.pending_items(lake, P) == []
-    assert tr.checkpoint_state(engine, P).last_run_id == "b"
+    assert cp.checkpoint_state(engine, P).last_run_id == "b"
     if kind == "future":
         assert {"write_json_atomic", "read_json", "list", "delete"} <= set(lake.calls)
     engine.dispose()
@@ -571,11 +572,11 @@ def test_sqlite_lock_contention_is_unavailable_and_naive_times_are_refused(tmp_p
     holder.execute("BEGIN EXCLUSIVE")
     try:
         with pytest.raises(DatabaseUnavailableError, match="locked"):
-            tr.advance_checkpoint(engine, P, W2, "r")
+            cp.advance_checkpoint(engine, P, W2, "r")
     finally:
         holder.execute("ROLLBACK")
         holder.close()
-    assert tr.advance_checkpoint(engine, P, W2, "r") == W2
+    assert cp.advance_checkpoint(engine, P, W2, "r") == W2
     with pytest.raises(TrackingError, match="timezone"):
         pending.queue_pending(lake, P, "advance_checkpoint", {"next_week_start": W3, "now": datetime(2026, 1, 1)})
     assert pending.pending_items(lake, P) == []
