@@ -6,7 +6,7 @@ Flow of one :func:`sync_metrics` call::
       --(split under max_csv_bytes)--> CSV chunks --(one Bulk 2.0 upsert job per chunk)--> per-row results
       --> failed_rows.parquet, snapshot.parquet (confirmed rows only), SyncResult
 
-CSV contract (what Salesforce receives):
+CSV contract (what Salesforce receives; the cells are shaped by :mod:`tasks.salesforce_csv`):
 
 * Columns: the external id first, then every other column sorted by name (stable whatever the input order).
 * Dates ``YYYY-MM-DD``; datetimes converted to UTC and written ``YYYY-MM-DDTHH:MM:SS.fffZ`` (naive datetimes are
@@ -34,13 +34,11 @@ close_job, get_job, abort_job) and ``util.call_salesforce`` for result CSVs (rea
 from __future__ import annotations
 
 import functools
-import hashlib
 import io
 import logging
 import math
-import re
 import time
-from collections.abc import Callable, Collection, Iterator
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, TypeVar
@@ -62,6 +60,7 @@ from simple_salesforce.util import call_salesforce
 from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait_exponential
 
 from blocks.salesforce import SalesforceCredentials
+from tasks import salesforce_csv
 from tasks.errors import (
     ConfigurationError,
     SalesforceAuthError,
@@ -78,17 +77,13 @@ DEFAULT_OBJECT = "Customer_Weekly_Metric__c"
 DEFAULT_EXTERNAL_ID = "External_Id__c"
 SALESFORCE_BATCH_RECORDS = 10_000  # Salesforce splits every ingest job into internal batches of this size
 BULK2_MAX_UPLOAD_BYTES = 100 * 1024 * 1024  # simple-salesforce refuses larger uploads (Salesforce: 150 MB base64)
-CLEAR_VALUE = "#N/A"
 SNAPSHOT_SCHEMA = {
     "external_id": pl.String,
     "row_hash": pl.String,
     "job_id": pl.String,
     "confirmed_at": pl.Datetime("us", "UTC"),
 }
-_FIELD_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
-_NEEDS_QUOTE = r'[,"\r\n]'
 _TERMINAL = ("JobComplete", "Failed", "Aborted")
-_HASH = "_row_hash"  # internal column; cannot clash with an API name (those start with a letter)
 
 # requests' default is no timeout at all; a hung Salesforce must not hang the flow forever.
 DEFAULT_TIMEOUT = (30.0, 300.0)
@@ -205,133 +200,6 @@ def connect(creds: SalesforceCredentials, *, session: requests.Session | None = 
         raise SalesforceUnavailableError(
             f"Salesforce login could not reach the server ({type(exc).__name__}, domain={creds.domain})"
         ) from None
-
-
-# --- CSV --------------------------------------------------------------------------------------------------------
-
-
-def _format_floats(series: pl.Series) -> pl.Series:
-    """Plain-decimal strings (Polars' cast gives '1e+20'; its CSV writer can be told not to)."""
-    sentinel = "\x00"
-    text = pl.DataFrame({"v": series}).write_csv(
-        include_header=False, float_scientific=False, null_value=sentinel, line_terminator="\n"
-    )
-    values = text.split("\n")[:-1]
-    out = pl.Series(series.name, values, dtype=pl.String)
-    return pl.select(pl.when(out == sentinel).then(None).otherwise(out)).to_series().alias(series.name)
-
-
-def _to_strings(frame: pl.DataFrame, source: str) -> pl.DataFrame:
-    """Every column as the exact string Salesforce will receive (nulls stay null)."""
-    exprs: list[pl.Expr] = []
-    floats: list[str] = []
-    for name, dtype in frame.schema.items():
-        col = pl.col(name)
-        if dtype == pl.String:
-            exprs.append(col)
-        elif dtype == pl.Null:  # an all-null (e.g. empty) column: the null policy below decides
-            exprs.append(col.cast(pl.String))
-        elif dtype == pl.Date:
-            exprs.append(col.dt.to_string("%Y-%m-%d"))
-        elif isinstance(dtype, pl.Datetime):
-            utc = col.dt.replace_time_zone("UTC") if dtype.time_zone is None else col.dt.convert_time_zone("UTC")
-            exprs.append(utc.dt.to_string("%Y-%m-%dT%H:%M:%S%.3fZ"))
-        elif dtype == pl.Boolean:
-            exprs.append(pl.when(col).then(pl.lit("true")).when(~col).then(pl.lit("false")))
-        elif dtype.is_integer() or isinstance(dtype, pl.Decimal):
-            exprs.append(col.cast(pl.String))
-        elif dtype.is_float():
-            floats.append(name)
-            exprs.append(col)
-        else:
-            raise SalesforceSyncError(f"{source}: column {name!r} has type {dtype}, which cannot go into a CSV cell")
-    out = frame.select(exprs)
-    if floats:
-        out = out.with_columns([_format_floats(out.get_column(name)) for name in floats])
-    return out
-
-
-def _prepare(
-    frame: pl.DataFrame, *, external_id_field: str, clear_nulls: Collection[str], source: str
-) -> tuple[pl.DataFrame, list[str]]:
-    """Validate the input and return (string frame in CSV column order, column order)."""
-    if external_id_field not in frame.columns:
-        raise SalesforceSyncError(f"{source}: external id column {external_id_field!r} is missing")
-    bad = [c for c in frame.columns if not _FIELD_NAME.match(c)]
-    if bad:
-        raise SalesforceSyncError(f"{source}: column names are not Salesforce API names: {bad}")
-    if external_id_field in clear_nulls:
-        raise ConfigurationError("clear_nulls", f"the external id {external_id_field!r} can never be cleared")
-    unknown = sorted(set(clear_nulls) - set(frame.columns))
-    if unknown:
-        raise ConfigurationError("clear_nulls", f"columns not in {source}: {unknown}")
-    columns = [external_id_field, *sorted(c for c in frame.columns if c != external_id_field)]
-    text = _to_strings(frame.select(columns), source)
-    # An empty string would become an empty cell = "leave unchanged": treat it as null, then apply the policy.
-    text = text.with_columns(
-        pl.when(pl.col(c).str.len_bytes() == 0).then(None).otherwise(pl.col(c)).alias(c) for c in columns
-    )
-    nulls = text.null_count().row(0, named=True)
-    required_nulls = {c: n for c, n in nulls.items() if n and c not in clear_nulls}
-    if required_nulls:
-        raise SalesforceSyncError(
-            f"{source}: null or empty values in required columns {required_nulls} "
-            "(an empty CSV cell would leave the Salesforce field unchanged; pass clear_nulls to send #N/A)"
-        )
-    dupes = text.filter(pl.col(external_id_field).is_duplicated()).get_column(external_id_field).unique().sort()
-    if dupes.len():
-        raise SalesforceSyncError(
-            f"{source}: {dupes.len()} duplicate {external_id_field} values, e.g. {dupes.head(5).to_list()}"
-        )
-    if clear_nulls:
-        text = text.with_columns(pl.col(c).fill_null(CLEAR_VALUE) for c in clear_nulls)
-    return text, columns
-
-
-def _row_hashes(text: pl.DataFrame, columns: list[str]) -> pl.Series:
-    header = ",".join(columns)
-    joined = text.select(pl.concat_str([pl.col(c) for c in columns], separator="\x1f").alias("j")).get_column("j")
-    prefix = (header + "\x1e").encode()
-    return pl.Series(
-        _HASH,
-        [hashlib.blake2b(prefix + s.encode(), digest_size=16).hexdigest() for s in joined],
-        dtype=pl.String,
-    )
-
-
-def _row_bytes(text: pl.DataFrame, columns: list[str]) -> pl.Series:
-    """Exact bytes of each row's CSV line (QUOTE_NECESSARY rules: quote on , " CR LF; double inner quotes)."""
-    cell = [
-        pl.col(c).str.len_bytes()
-        + pl.when(pl.col(c).str.contains(_NEEDS_QUOTE))
-        .then(2 + pl.col(c).str.count_matches('"', literal=True))
-        .otherwise(0)
-        for c in columns
-    ]
-    return text.select((pl.sum_horizontal(cell) + len(columns)).cast(pl.Int64).alias("b")).get_column("b")
-
-
-def _write_csv(text: pl.DataFrame) -> bytes:
-    return text.write_csv(line_terminator="\n", quote_style="necessary", null_value=CLEAR_VALUE).encode()
-
-
-def _chunks(text: pl.DataFrame, columns: list[str], max_csv_bytes: int) -> Iterator[pl.DataFrame]:
-    """Split into frames whose CSV (header included) stays under ``max_csv_bytes``; order kept."""
-    if text.height == 0:
-        return
-    header = len(",".join(columns)) + 1
-    sizes = _row_bytes(text, columns)
-    biggest = int(sizes.max())  # type: ignore[arg-type]
-    budget = max_csv_bytes - header - biggest
-    if budget <= 0:
-        raise ConfigurationError(
-            "max_csv_bytes", f"{max_csv_bytes} bytes cannot hold the header plus the largest row ({biggest} bytes)"
-        )
-    # Chunk k holds the rows whose cumulative end falls in (k*budget, (k+1)*budget]; it then spans less than
-    # budget + biggest bytes, so header + chunk <= max_csv_bytes.
-    ids = ((sizes.cum_sum() - 1) // budget).alias("chunk")
-    for _, part in text.with_columns(ids).group_by("chunk", maintain_order=True):
-        yield part.drop("chunk")
 
 
 # --- Bulk API 2.0 -----------------------------------------------------------------------------------------------
@@ -521,7 +389,7 @@ def _run_job(
     success = bulk.results(job_id, "successfulResults")
     failed = bulk.results(job_id, "failedResults")
     unprocessed = bulk.results(job_id, "unprocessedrecords")
-    keys = chunk.select(external_id_field, pl.col(_HASH).alias("row_hash"))
+    keys = chunk.select(external_id_field, pl.col(salesforce_csv.ROW_HASH).alias("row_hash"))
     ok = pl.DataFrame(schema={"external_id": pl.String, "row_hash": pl.String, "created": pl.Boolean})
     if success.height:
         ok = success.select(
@@ -543,7 +411,9 @@ def _run_job(
         [f.select(pl.col(external_id_field).alias("external_id")) for f in (success, failed, unprocessed) if f.height]
         or [pl.DataFrame(schema={"external_id": pl.String})]
     )
-    missing = chunk.join(seen, left_on=external_id_field, right_on="external_id", how="anti").drop(_HASH)
+    missing = chunk.join(seen, left_on=external_id_field, right_on="external_id", how="anti").drop(
+        salesforce_csv.ROW_HASH
+    )
     parts.append(
         _failed_frame(
             missing,
@@ -630,22 +500,26 @@ def sync_metrics(
         raise ConfigurationError("error_threshold_pct", f"must be within 0..100, got {error_threshold_pct}")
     if not 0 < max_csv_bytes <= BULK2_MAX_UPLOAD_BYTES:
         raise ConfigurationError("max_csv_bytes", f"must be within 1..{BULK2_MAX_UPLOAD_BYTES}, got {max_csv_bytes}")
-    if not _FIELD_NAME.match(object_name):
+    if not salesforce_csv.FIELD_NAME.match(object_name):
         raise ConfigurationError("object_name", f"{object_name!r} is not a Salesforce API name")
     dry_run = sf is None
     source = redact_url(metrics_url)
 
     frame = lake.read_parquet(metrics_url)
-    text, columns = _prepare(frame, external_id_field=external_id_field, clear_nulls=clear_nulls, source=source)
+    text, columns = salesforce_csv.prepare(
+        frame, external_id_field=external_id_field, clear_nulls=clear_nulls, source=source
+    )
     del frame
-    text = text.with_columns(_row_hashes(text, columns))
+    text = text.with_columns(salesforce_csv.row_hashes(text, columns))
     snapshot = _read_snapshot(lake, snapshot_rel)
     joined = text.join(
         snapshot.select(pl.col("external_id").alias(external_id_field), pl.col("row_hash").alias("_prev")),
         on=external_id_field,
         how="left",
     )
-    changed = joined.filter(pl.col("_prev").is_null() | (pl.col("_prev") != pl.col(_HASH))).drop("_prev")
+    changed = joined.filter(pl.col("_prev").is_null() | (pl.col("_prev") != pl.col(salesforce_csv.ROW_HASH))).drop(
+        "_prev"
+    )
     considered, unchanged = text.height, text.height - changed.height
     del text, joined
     log.info(
@@ -657,11 +531,11 @@ def sync_metrics(
         changed.height,
     )
 
-    chunks = list(_chunks(changed, columns, max_csv_bytes)) if changed.height else []
+    chunks = list(salesforce_csv.chunks(changed, columns, max_csv_bytes)) if changed.height else []
     payloads: list[tuple[pl.DataFrame, str]] = []
     outbox_files: list[FileRef] = []
     for n, chunk in enumerate(chunks, start=1):
-        data = _write_csv(chunk.select(columns))
+        data = salesforce_csv.write_csv(chunk.select(columns))
         if len(data) > max_csv_bytes:  # the size arithmetic above is exact; this guards the invariant
             raise SalesforceSyncError(f"internal: CSV chunk {n} is {len(data)} bytes, over {max_csv_bytes}")
         outbox_files.append(lake.write_bytes(f"{out_prefix}/outbox/{object_name}-{n}.csv", data, rows=chunk.height))
